@@ -1,0 +1,170 @@
+"""The ``homodyne-steps`` command line: one subcommand per stage.
+
+Heavy modules (JAX, h5py) are imported inside each subcommand, so ``--help`` and the
+Snakefile's imports stay fast. Errors caused by input are printed as one clear line and
+exit with status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from homodyne_steps import __version__
+from homodyne_steps.errors import HomodyneStepsError
+from homodyne_steps.registry import MODE_ALIASES, REGISTRY
+
+
+def _param_assignment(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    name = name.strip()
+    if name not in REGISTRY.names:
+        raise argparse.ArgumentTypeError(
+            f"unknown parameter {name!r}; known: {', '.join(REGISTRY.names)}"
+        )
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: expected a number, got {value!r}") from None
+
+
+def _cell(text: str) -> tuple[int, int]:
+    try:
+        iq, iphi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected IQ,IPHI (0-based ring and angle-bin indices), got {text!r}"
+        ) from None
+    return iq, iphi
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from homodyne_steps.simulate import REFERENCE_GEOMETRY  # light: no JAX at import
+
+    g = REFERENCE_GEOMETRY
+    p = sub.add_parser(
+        "simulate",
+        help="write a synthetic APS two-time file (and truth.json) drawn from the model",
+        description=(
+            "Draw c2 from the model with known parameters (default: the reference case of "
+            "--mode from shared/spec/physics.md), add noise, and write an APS HDF5 file."
+        ),
+    )
+    p.add_argument("--out", required=True, help="HDF5 file to write")
+    p.add_argument("--truth", help="truth JSON (default: truth.json beside --out)")
+    p.add_argument("--format", choices=["aps_u", "aps_old"], default="aps_u")
+    p.add_argument("--mode", choices=sorted(MODE_ALIASES), default="laminar_flow",
+                   help="analysis mode whose reference case gives the defaults")
+    p.add_argument("--param", action="append", type=_param_assignment, default=[],
+                   metavar="NAME=VALUE", help="override one physical parameter (repeatable)")
+    p.add_argument("--phi", type=float, nargs="+", metavar="DEG",
+                   help="phi bin centres in degrees (default: the reference case's)")
+    p.add_argument("--frames", type=int, help="C2 size N (default: the reference case's)")
+    p.add_argument("--q", type=float, default=g["q"], help="target q ring in 1/Å")
+    p.add_argument("--L", type=float, default=g["L"], help="stator–rotor gap in Å")
+    p.add_argument("--dt", type=float, default=g["dt"], help="C2 time step in s")
+    p.add_argument("--contrast", type=float, nargs="+", default=[g["contrast"]],
+                   help="contrast (one value, or one per angle)")
+    p.add_argument("--offset", type=float, nargs="+", default=[g["offset"]],
+                   help="offset (one value, or one per angle)")
+    p.add_argument("--noise", type=float, default=g["noise"],
+                   help="relative Gaussian noise level (sigma = noise * c2)")
+    p.add_argument("--diagonal-excess", type=float, default=0.5,
+                   help="shot-noise excess added on the diagonal")
+    p.add_argument("--q-rings", type=int, default=3, help="number of q rings")
+    p.add_argument("--q-ring-step", type=float, default=0.2,
+                   help="relative spacing of the q rings")
+    p.add_argument("--empty-cell", action="append", type=_cell, default=[],
+                   metavar="IQ,IPHI", help="leave a (ring, angle-bin) cell empty (repeatable)")
+    p.add_argument("--avg-frames", type=int, default=2)
+    p.add_argument("--stride-frames", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_simulate)  # fmt: skip
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from homodyne_steps.simulate import REFERENCE_CASES, SimulationSettings, simulate_file
+    from homodyne_steps.registry import canonical_mode
+
+    mode = canonical_mode(args.mode)
+    case = REFERENCE_CASES[mode]
+    params = dict(case["params"])
+    for name, value in args.param:
+        if name not in params:
+            raise HomodyneStepsError(
+                f"--param {name}: not a physical parameter of {mode} mode "
+                f"({', '.join(params)})"
+            )
+        params[name] = value
+
+    def one_or_many(values: list[float]) -> float | list[float]:
+        return values[0] if len(values) == 1 else values
+
+    settings = SimulationSettings(
+        params=params,
+        phi_deg=tuple(args.phi) if args.phi else case["phi_deg"],
+        q=args.q,
+        L=args.L,
+        dt=args.dt,
+        n_frames=args.frames if args.frames is not None else case["n_frames"],
+        contrast=one_or_many(args.contrast),
+        offset=one_or_many(args.offset),
+        noise=args.noise,
+        diagonal_excess=args.diagonal_excess,
+        n_q_rings=args.q_rings,
+        q_ring_step=args.q_ring_step,
+        empty_cells=tuple(args.empty_cell),
+        avg_frames=args.avg_frames,
+        stride_frames=args.stride_frames,
+        seed=args.seed,
+    )
+    start = time.perf_counter()
+    out, truth = simulate_file(settings, args.out, fmt=args.format, truth_path=args.truth)
+    print(f"wrote {out} ({args.format}) and {truth} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _add_params(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("params", help="print the parameter registry")
+    p.add_argument("--format", choices=["markdown", "json"], default="markdown")
+    p.set_defaults(func=_run_params)
+
+
+def _run_params(args: argparse.Namespace) -> int:
+    if args.format == "markdown":
+        print(REGISTRY.markdown_table())
+    else:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(s) for s in REGISTRY], indent=2, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="homodyne-steps",
+        description="XPCS homodyne analysis under flow, one stage per subcommand.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    _add_simulate(sub)
+    _add_params(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # usage errors exit 2 inside argparse
+    try:
+        return args.func(args)
+    except HomodyneStepsError as exc:
+        print(f"homodyne-steps {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

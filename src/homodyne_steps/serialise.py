@@ -1,0 +1,140 @@
+"""The one serialisation layer: atomic writes, strict JSON, pickle-free NPZ.
+
+Every output file of the package goes through here, so a crash never leaves a
+half-written file under its final name (write to a temporary sibling, fsync, rename),
+JSON never contains NaN/Infinity tokens, and NPZ files hold plain numeric/string arrays
+that load with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from homodyne_steps.errors import HomodyneStepsError
+
+
+class SerialisationError(HomodyneStepsError, ValueError):
+    """A value cannot be written (or a file read back) in our formats."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success.
+
+    The temporary name keeps the final suffix (h5py/numpy pick formats by suffix) and
+    lives in the same directory so the rename is atomic. On error it is removed.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def to_jsonable(value: Any, *, where: str = "$") -> Any:
+    """Convert numpy scalars/arrays and paths to JSON types; reject NaN/Inf with its path."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v, where=f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v, where=f"{where}[{k}]") for k, v in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist(), where=where)
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        x = float(value)
+        if not math.isfinite(x):
+            raise SerialisationError(
+                f"cannot write non-finite number {x} at {where} to JSON; "
+                "use null for a missing value"
+            )
+        return x
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise SerialisationError(f"cannot write {type(value).__name__} at {where} to JSON")
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented, strict JSON, atomically."""
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file, naming the file in any error."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SerialisationError(f"cannot read JSON file {p}: {exc.strerror}") from None
+
+    def _reject(token: str) -> float:
+        raise SerialisationError(f"{p}: non-standard JSON number {token}")
+
+    try:
+        return json.loads(text, parse_constant=_reject)
+    except json.JSONDecodeError as exc:
+        raise SerialisationError(f"{p} is not valid JSON: {exc}") from None
+
+
+def write_npz(path: str | os.PathLike[str], /, **arrays: Any) -> Path:
+    """Write arrays to a compressed .npz atomically; object arrays are refused."""
+    clean: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biufcSU":
+            raise SerialisationError(
+                f"array {key!r} has dtype {arr.dtype}; only numeric and string arrays "
+                "are written (no pickled objects)"
+            )
+        clean[key] = arr
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **clean)
+    return Path(path)
+
+
+def read_npz(path: str | os.PathLike[str], required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Load every array of a .npz (never unpickling); check ``required`` keys exist."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            out = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise SerialisationError(f"cannot read NPZ file {p}: {exc}") from None
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise SerialisationError(f"{p} lacks arrays {missing}; it has {sorted(out)}")
+    return out
