@@ -19,3 +19,18 @@ class ModelInputError(HomodyneStepsError, ValueError):
 
 class SimulationError(HomodyneStepsError, ValueError):
     """Simulator settings are not valid."""
+
+
+class DataError(HomodyneStepsError, ValueError):
+    """An input data file is missing, unreadable, or not in a layout we can read.
+
+    The message names the file, the HDF5 path or array key, and what was expected.
+    """
+
+
+class ConfigError(HomodyneStepsError, ValueError):
+    """A stage's settings are invalid (unknown key, wrong type, value out of range)."""
+
+
+class QualityError(HomodyneStepsError):
+    """Data failed a quality-control checkpoint (score below the pass threshold)."""
