@@ -57,29 +57,64 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="HDF5 file to write")
     p.add_argument("--truth", help="truth JSON (default: truth.json beside --out)")
     p.add_argument("--format", choices=["aps_u", "aps_old"], default="aps_u")
-    p.add_argument("--mode", choices=sorted(MODE_ALIASES), default="laminar_flow",
-                   help="analysis mode whose reference case gives the defaults")
-    p.add_argument("--param", action="append", type=_param_assignment, default=[],
-                   metavar="NAME=VALUE", help="override one physical parameter (repeatable)")
-    p.add_argument("--phi", type=float, nargs="+", metavar="DEG",
-                   help="phi bin centres in degrees (default: the reference case's)")
+    p.add_argument(
+        "--mode",
+        choices=sorted(MODE_ALIASES),
+        default="laminar_flow",
+        help="analysis mode whose reference case gives the defaults",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        type=_param_assignment,
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one physical parameter (repeatable)",
+    )
+    p.add_argument(
+        "--phi",
+        type=float,
+        nargs="+",
+        metavar="DEG",
+        help="phi bin centres in degrees (default: the reference case's)",
+    )
     p.add_argument("--frames", type=int, help="C2 size N (default: the reference case's)")
     p.add_argument("--q", type=float, default=g["q"], help="target q ring in 1/Å")
     p.add_argument("--L", type=float, default=g["L"], help="stator–rotor gap in Å")
     p.add_argument("--dt", type=float, default=g["dt"], help="C2 time step in s")
-    p.add_argument("--contrast", type=float, nargs="+", default=[g["contrast"]],
-                   help="contrast (one value, or one per angle)")
-    p.add_argument("--offset", type=float, nargs="+", default=[g["offset"]],
-                   help="offset (one value, or one per angle)")
-    p.add_argument("--noise", type=float, default=g["noise"],
-                   help="relative Gaussian noise level (sigma = noise * c2)")
-    p.add_argument("--diagonal-excess", type=float, default=0.5,
-                   help="shot-noise excess added on the diagonal")
+    p.add_argument(
+        "--contrast",
+        type=float,
+        nargs="+",
+        default=[g["contrast"]],
+        help="contrast (one value, or one per angle)",
+    )
+    p.add_argument(
+        "--offset",
+        type=float,
+        nargs="+",
+        default=[g["offset"]],
+        help="offset (one value, or one per angle)",
+    )
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=g["noise"],
+        help="relative Gaussian noise level (sigma = noise * c2)",
+    )
+    p.add_argument(
+        "--diagonal-excess", type=float, default=0.5, help="shot-noise excess added on the diagonal"
+    )
     p.add_argument("--q-rings", type=int, default=3, help="number of q rings")
-    p.add_argument("--q-ring-step", type=float, default=0.2,
-                   help="relative spacing of the q rings")
-    p.add_argument("--empty-cell", action="append", type=_cell, default=[],
-                   metavar="IQ,IPHI", help="leave a (ring, angle-bin) cell empty (repeatable)")
+    p.add_argument("--q-ring-step", type=float, default=0.2, help="relative spacing of the q rings")
+    p.add_argument(
+        "--empty-cell",
+        action="append",
+        type=_cell,
+        default=[],
+        metavar="IQ,IPHI",
+        help="leave a (ring, angle-bin) cell empty (repeatable)",
+    )
     p.add_argument("--avg-frames", type=int, default=2)
     p.add_argument("--stride-frames", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -87,8 +122,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from homodyne_steps.simulate import REFERENCE_CASES, SimulationSettings, simulate_file
     from homodyne_steps.registry import canonical_mode
+    from homodyne_steps.simulate import REFERENCE_CASES, SimulationSettings, simulate_file
 
     mode = canonical_mode(args.mode)
     case = REFERENCE_CASES[mode]
@@ -96,8 +131,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     for name, value in args.param:
         if name not in params:
             raise HomodyneStepsError(
-                f"--param {name}: not a physical parameter of {mode} mode "
-                f"({', '.join(params)})"
+                f"--param {name}: not a physical parameter of {mode} mode ({', '.join(params)})"
             )
         params[name] = value
 

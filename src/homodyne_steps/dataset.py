@@ -49,7 +49,9 @@ class XpcsData:
         if n_t < 0 or np.shape(self.t2) != (n_t,):
             problems.append(f"t1 {np.shape(self.t1)} and t2 {np.shape(self.t2)} must be equal 1-D")
         if np.shape(self.c2_exp) != (n_phi, n_t, n_t):
-            problems.append(f"c2_exp has shape {np.shape(self.c2_exp)}, expected {(n_phi, n_t, n_t)}")
+            problems.append(
+                f"c2_exp has shape {np.shape(self.c2_exp)}, expected {(n_phi, n_t, n_t)}"
+            )
         if not (np.isfinite(self.dt) and self.dt > 0):
             problems.append(f"dt must be > 0, got {self.dt}")
         if problems:

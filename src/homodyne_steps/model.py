@@ -195,9 +195,14 @@ def _g1_pairs(physical, grid, i, j, a):
     return g1_from_integrals(physical, i_d, i_g, grid, i, j, a)
 
 
-def _c2_pairs(physical, contrast, offset, grid, i, j, a):
+def _c2_and_g1_sq(physical, contrast, offset, grid, i, j, a):
     g1 = _g1_pairs(physical, grid, i, j, a)
-    return offset[a] + contrast[a] * g1 * g1
+    g1_sq = g1 * g1
+    return offset[a] + contrast[a] * g1_sq, g1_sq
+
+
+def _c2_pairs(physical, contrast, offset, grid, i, j, a):
+    return _c2_and_g1_sq(physical, contrast, offset, grid, i, j, a)[0]
 
 
 g1_pairs = jax.jit(_g1_pairs)
@@ -211,11 +216,32 @@ in registry order, ``contrast``/``offset`` (n_phi,) per-angle scaling, ``i``/``j
 indices and ``a`` angle indices (same shape). Differentiable with ``jax.jacfwd``.
 """
 
-c2_pairs_jacobian = jax.jit(jax.jacfwd(_c2_pairs, argnums=(0, 1, 2)))
-c2_pairs_jacobian.__doc__ = """Forward-mode Jacobians of :func:`c2_pairs` (jitted).
 
-Returns ``(dc2/dphysical (N, n_params), dc2/dcontrast (N, n_phi), dc2/doffset (N, n_phi))``.
-"""
+def _c2_with_aux(physical, contrast, offset, grid, i, j, a):
+    c2, g1_sq = _c2_and_g1_sq(physical, contrast, offset, grid, i, j, a)
+    return c2, (c2, g1_sq)
+
+
+@jax.jit
+def c2_pairs_jacobian(
+    physical: jax.Array,
+    contrast: jax.Array,
+    offset: jax.Array,
+    grid: KernelGrid,
+    i: jax.Array,
+    j: jax.Array,
+    a: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """c2 at index pairs with its forward-mode Jacobian (one pass, jitted).
+
+    Returns ``(c2 (N,), dc2/dphysical (N, n_params), g1² (N,))``. The scaling
+    derivatives are not materialised as dense (N, n_phi) blocks: dc2/dcontrast of a
+    point is ``g1²`` in its own angle ``a`` (0 elsewhere), dc2/doffset is 1 there.
+    """
+    jac, (c2, g1_sq) = jax.jacfwd(_c2_with_aux, has_aux=True)(
+        physical, contrast, offset, grid, i, j, a
+    )
+    return c2, jac, g1_sq
 
 
 @jax.jit

@@ -247,9 +247,7 @@ class Registry:
                 try:
                     values.append(float(v))
                 except (TypeError, ValueError):
-                    raise ParameterError(
-                        f"parameter {n!r}: expected a number, got {v!r}"
-                    ) from None
+                    raise ParameterError(f"parameter {n!r}: expected a number, got {v!r}") from None
         return mode, np.array(values, dtype=np.float64)
 
     def per_angle_vector(self, name: str, value: object, n_phi: int) -> np.ndarray:
@@ -262,8 +260,7 @@ class Registry:
             arr = np.full(n_phi, arr.item(), dtype=object)
         if arr.ndim != 1 or arr.shape[0] != n_phi:
             raise ParameterError(
-                f"{name!r} must be a scalar or one value per angle ({n_phi}), "
-                f"got shape {arr.shape}"
+                f"{name!r} must be a scalar or one value per angle ({n_phi}), got shape {arr.shape}"
             )
         return np.array(
             [self.check_value(name, v, where=f"angle {k}") for k, v in enumerate(arr)],
@@ -335,7 +332,9 @@ def _as_float(name: str, key: str, value: object) -> float:
     try:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ParameterError(f"override for {name!r}: {key} must be a number, got {value!r}") from None
+        raise ParameterError(
+            f"override for {name!r}: {key} must be a number, got {value!r}"
+        ) from None
     if not math.isfinite(x):
         raise ParameterError(f"override for {name!r}: {key} must be finite, got {x}")
     return x
