@@ -21,8 +21,8 @@ from homodyne_steps.model import (
     make_grid,
     upper_triangle_pairs,
 )
+from homodyne_steps.reference import REFERENCE_CASES, REFERENCE_GEOMETRY
 from homodyne_steps.registry import REGISTRY
-from homodyne_steps.simulate import REFERENCE_CASES, REFERENCE_GEOMETRY
 
 
 def _timed(fn, repeat: int) -> tuple[float, float]:

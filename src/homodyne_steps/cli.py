@@ -43,7 +43,7 @@ def _cell(text: str) -> tuple[int, int]:
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    from homodyne_steps.simulate import REFERENCE_GEOMETRY  # light: no JAX at import
+    from homodyne_steps.reference import REFERENCE_GEOMETRY
 
     g = REFERENCE_GEOMETRY
     p = sub.add_parser(
@@ -118,13 +118,24 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--avg-frames", type=int, default=2)
     p.add_argument("--stride-frames", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--settings",
+        metavar="JSON",
+        help="all simulation settings as a JSON object (what the workflow passes); "
+        "replaces the options above except --out, --truth and --format",
+    )
     p.set_defaults(func=_run_simulate)  # fmt: skip
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    from homodyne_steps.reference import REFERENCE_CASES
     from homodyne_steps.registry import canonical_mode
-    from homodyne_steps.simulate import REFERENCE_CASES, SimulationSettings, simulate_file
+    from homodyne_steps.settings import parse_settings_json
+    from homodyne_steps.simulate import SimulationSettings, settings_from_mapping
 
+    if args.settings is not None:
+        settings = settings_from_mapping(parse_settings_json(args.settings, "simulate"))
+        return _simulate_and_report(settings, args)
     mode = canonical_mode(args.mode)
     case = REFERENCE_CASES[mode]
     params = dict(case["params"])
@@ -156,9 +167,107 @@ def _run_simulate(args: argparse.Namespace) -> int:
         stride_frames=args.stride_frames,
         seed=args.seed,
     )
+    return _simulate_and_report(settings, args)
+
+
+def _simulate_and_report(settings, args: argparse.Namespace) -> int:
+    from homodyne_steps.simulate import simulate_file
+
     start = time.perf_counter()
     out, truth = simulate_file(settings, args.out, fmt=args.format, truth_path=args.truth)
     print(f"wrote {out} ({args.format}) and {truth} in {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _stage_parser(sub, name: str, help_text: str, inputs: dict[str, str], outputs: dict[str, str]):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    for flag, text in {**inputs, **outputs}.items():
+        p.add_argument(f"--{flag}", required=True, help=text)
+    p.add_argument(
+        "--settings", default="{}", metavar="JSON", help="the stage's settings as a JSON object"
+    )
+    return p
+
+
+def _add_data_stages(sub: argparse._SubParsersAction) -> None:
+    _stage_parser(
+        sub,
+        "load",
+        "read an APS two-time HDF5 file at one q (both layouts)",
+        {"input": "APS HDF5 result file"},
+        {"out-npz": "loaded.npz to write", "out-json": "loaded.json record to write"},
+    ).set_defaults(func=_run_load)
+    _stage_parser(
+        sub,
+        "filter",
+        "select angle bins and frames; record what was dropped and why",
+        {"input": "loaded.npz"},
+        {"out-npz": "filtered.npz to write", "out-json": "filter report JSON to write"},
+    ).set_defaults(func=_run_filter)
+    _stage_parser(
+        sub,
+        "preprocess",
+        "diagonal correction, optional normalisation and noise reduction",
+        {"input": "filtered.npz"},
+        {"out-npz": "preprocessed.npz to write", "out-json": "provenance.json to write"},
+    ).set_defaults(func=_run_preprocess)
+    _stage_parser(
+        sub, "qc", "score the data at four checkpoints, repair what can be repaired",
+        {"raw": "loaded.npz", "filtered": "filtered.npz", "preprocessed": "preprocessed.npz"},
+        {"out-json": "qc_report.json to write", "out-npz": "QC'd data to write"},
+    ).set_defaults(func=_run_qc)  # fmt: skip
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    from homodyne_steps.load import load_stage
+    from homodyne_steps.settings import check_keys, parse_settings_json
+
+    s = parse_settings_json(args.settings, "load")
+    check_keys(s, {"q", "dt", "frames", "q_tolerance", "storage"}, "load")
+    if "q" not in s:
+        raise HomodyneStepsError("load: the target q (1/Å) is required")
+    frames = s.get("frames") or {}
+    check_keys(frames, {"start", "end"}, "load.frames")
+    data = load_stage(
+        args.input, s["q"], args.out_npz, args.out_json,
+        start_frame=frames.get("start", 1), end_frame=frames.get("end", -1),
+        dt=s.get("dt"), q_tolerance=s.get("q_tolerance", 0.1),
+        storage=s.get("storage", "upper"),
+    )  # fmt: skip
+    print(f"loaded {data.n_phi} angles x {data.n_t} frames at q = {data.q:.6g} 1/Å")
+    return 0
+
+
+def _run_filter(args: argparse.Namespace) -> int:
+    from homodyne_steps.filter import FilterSettings, filter_stage
+    from homodyne_steps.settings import parse_settings_json
+
+    settings = FilterSettings.from_mapping(parse_settings_json(args.settings, "filter"))
+    out = filter_stage(args.input, args.out_npz, args.out_json, settings)
+    print(f"kept {out.n_phi} angles x {out.n_t} frames")
+    return 0
+
+
+def _run_preprocess(args: argparse.Namespace) -> int:
+    from homodyne_steps.preprocess import PreprocessSettings, preprocess_stage
+    from homodyne_steps.settings import parse_settings_json
+
+    settings = PreprocessSettings.from_mapping(parse_settings_json(args.settings, "preprocess"))
+    preprocess_stage(args.input, args.out_npz, args.out_json, settings)
+    print(f"wrote {args.out_npz} and {args.out_json}")
+    return 0
+
+
+def _run_qc(args: argparse.Namespace) -> int:
+    from homodyne_steps.qc import QcSettings, qc_stage
+    from homodyne_steps.settings import parse_settings_json
+
+    settings = QcSettings.from_mapping(parse_settings_json(args.settings, "qc"))
+    report = qc_stage(
+        args.raw, args.filtered, args.preprocessed, args.out_json, args.out_npz, settings
+    )
+    overall = report["overall"]
+    print(f"QC {overall['status']}: score {overall['score']:.1f} ({overall['label']})")
     return 0
 
 
@@ -187,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     _add_simulate(sub)
+    _add_data_stages(sub)
     _add_params(sub)
     return parser
 

@@ -23,25 +23,9 @@ from homodyne_steps import __version__
 from homodyne_steps.aps_writer import FORMATS, TwoTimeBins, write_aps_file
 from homodyne_steps.errors import SimulationError
 from homodyne_steps.model import compute_c2
-from homodyne_steps.registry import LAMINAR_FLOW, REGISTRY, STATIC, canonical_mode
+from homodyne_steps.reference import REFERENCE_CASES, REFERENCE_GEOMETRY
+from homodyne_steps.registry import LAMINAR_FLOW, REGISTRY, canonical_mode
 from homodyne_steps.serialise import write_json
-
-# The reference cases of shared/spec/physics.md, used across tests and benchmarks.
-REFERENCE_GEOMETRY = {"q": 0.0054, "L": 2e6, "dt": 0.1, "contrast": 0.3, "offset": 1.0,
-                      "noise": 0.01}  # fmt: skip
-REFERENCE_CASES: dict[str, dict[str, Any]] = {
-    STATIC: {
-        "params": {"D0": 1e4, "alpha": -0.3, "D_offset": 1e3},
-        "phi_deg": (0.0, 45.0, 90.0),
-        "n_frames": 200,
-    },
-    LAMINAR_FLOW: {
-        "params": {"D0": 1e4, "alpha": -0.2, "D_offset": 500.0, "gamma_dot_t0": 2e-4,
-                   "beta": 0.25, "gamma_dot_t_offset": 2e-5, "phi0": 3.0},
-        "phi_deg": (-30.0, 0.0, 30.0, 60.0, 90.0, 120.0),
-        "n_frames": 410,
-    },
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -100,6 +84,41 @@ def reference_settings(mode: str, **overrides: Any) -> SimulationSettings:
     return SimulationSettings(**base)
 
 
+SETTINGS_KEYS = (
+    "mode", "params", "phi_deg", "n_frames", "q", "L", "dt", "contrast", "offset", "noise",
+    "diagonal_excess", "n_q_rings", "q_ring_step", "empty_cells", "avg_frames",
+    "stride_frames", "seed",
+)  # fmt: skip
+
+
+def settings_from_mapping(m: Mapping[str, Any], where: str = "simulate") -> SimulationSettings:
+    """Settings from a config mapping: the reference case of ``mode`` with overrides.
+
+    ``params`` overrides individual physical parameters of that case.
+    """
+    unknown = sorted(set(m) - set(SETTINGS_KEYS))
+    if unknown:
+        raise SimulationError(
+            f"{where}.{unknown[0]}: unknown key; expected one of {sorted(SETTINGS_KEYS)}"
+        )
+    mode = canonical_mode(m.get("mode", LAMINAR_FLOW))
+    case = REFERENCE_CASES[mode]
+    params = dict(case["params"])
+    for name, value in dict(m.get("params") or {}).items():
+        if name not in params:
+            raise SimulationError(
+                f"{where}.params.{name}: not a physical parameter of {mode} mode "
+                f"({', '.join(params)})"
+            )
+        params[name] = value
+    overrides = {k: v for k, v in m.items() if k not in ("mode", "params")}
+    if "phi_deg" in overrides:
+        overrides["phi_deg"] = tuple(overrides["phi_deg"])
+    if "empty_cells" in overrides:
+        overrides["empty_cells"] = tuple(tuple(c) for c in overrides["empty_cells"])
+    return reference_settings(mode, params=params, **overrides)
+
+
 def _validate(s: SimulationSettings) -> tuple[str, np.ndarray]:
     mode, _ = REGISTRY.physical_vector(dict(s.params))
     phi = np.asarray(s.phi_deg, dtype=np.float64)
@@ -121,9 +140,10 @@ def _validate(s: SimulationSettings) -> tuple[str, np.ndarray]:
         raise SimulationError(f"diagonal_excess must be >= 0, got {s.diagonal_excess!r}")
     if not (isinstance(s.n_q_rings, int) and s.n_q_rings >= 1):
         raise SimulationError(f"n_q_rings must be an integer >= 1, got {s.n_q_rings!r}")
-    if s.n_q_rings > 1 and not (0 < s.q_ring_step < 2.0 / (s.n_q_rings - 1)):
+    if s.n_q_rings > 1 and not (s.q_ring_step > 0 and np.all(s.q_rings() > 0)):
         raise SimulationError(
-            f"q_ring_step {s.q_ring_step!r} must be > 0 and keep every ring at q > 0"
+            f"q_ring_step {s.q_ring_step!r} must be > 0 and keep every one of the "
+            f"{s.n_q_rings} rings at q > 0 (rings: {s.q_rings().tolist()})"
         )
     for name in ("avg_frames", "stride_frames"):
         v = getattr(s, name)

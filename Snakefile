@@ -1,0 +1,19 @@
+# homodyne-steps: XPCS homodyne analysis under flow as a workflow of cached stages.
+# Run from the repository root:  snakemake --cores 2
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand("results/{dataset}/data/qc_report.json", dataset=DATASETS),

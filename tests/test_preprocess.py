@@ -1,0 +1,322 @@
+"""Tests of the preprocess stage (diagonal correction, normalization, filters, provenance)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from homodyne_steps.dataset import XpcsData
+from homodyne_steps.errors import ConfigError, DataError
+from homodyne_steps.preprocess import (
+    PreprocessSettings,
+    baseline_lag_range,
+    correct_diagonal,
+    preprocess,
+    preprocess_stage,
+)
+
+RECORD_FIELDS = {
+    "stage", "step", "method", "parameters", "input_shape", "output_shape",
+    "input_dtype", "output_dtype", "duration_ms",
+}  # fmt: skip
+TAU = 8.0  # decay time of the model matrix, in lags
+AMP = 0.3
+EXCESS = 0.5
+
+
+def model_c2(n: int = 60, tau: float = TAU, amp: float = AMP, excess: float = EXCESS):
+    """c2 = 1 + amp*exp(-|ti-tj|/tau), plus a shot-noise excess on the diagonal."""
+    lag = np.abs(np.subtract.outer(np.arange(n), np.arange(n)))
+    c = 1.0 + amp * np.exp(-lag / tau)
+    return c + excess * np.eye(n)
+
+
+def random_symmetric(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
+    a = rng.normal(1.0, 0.2, size=(k, n, n))
+    return 0.5 * (a + np.swapaxes(a, 1, 2))
+
+
+def seed_basic(c: np.ndarray) -> np.ndarray:
+    """The seed's formula written as loops, independent of the vectorised code."""
+    n = c.shape[0]
+    s = [0.5 * (c[i, i + 1] + c[i + 1, i]) for i in range(n - 1)]
+    out = c.copy()
+    for i in range(n):
+        if i == 0:
+            out[i, i] = s[0]
+        elif i == n - 1:
+            out[i, i] = s[n - 2]
+        else:
+            out[i, i] = 0.5 * (s[i - 1] + s[i])
+    return out
+
+
+def make_data(c2: np.ndarray, dtype=np.float64) -> XpcsData:
+    c2 = np.asarray(c2, dtype=dtype)
+    if c2.ndim == 2:
+        c2 = c2[None]
+    k, n = c2.shape[0], c2.shape[-1]
+    t = np.arange(n, dtype=dtype) * 0.1
+    return XpcsData(
+        wavevector_q_list=np.full(k, 0.0054, dtype=dtype),
+        phi_angles_list=np.linspace(0.0, 90.0, k).astype(dtype),
+        t1=t,
+        t2=t.copy(),
+        c2_exp=c2,
+        dt=0.1,
+    )
+
+
+# ------------------------------------------------------------------ diagonal correction
+
+
+def test_basic_hand_computed():
+    c = np.array([[9.0, 2.0, 4.0], [2.0, 9.0, 6.0], [4.0, 6.0, 9.0]])
+    # s = [2, 6]; d = [2, (2+6)/2, 6]
+    out = correct_diagonal(c, "basic")
+    np.testing.assert_array_equal(np.diag(out), [2.0, 4.0, 6.0])
+    np.testing.assert_array_equal(out - np.diag(np.diag(out)), c - np.diag(np.diag(c)))
+
+
+def test_basic_uses_both_bands_on_asymmetric_input():
+    c = np.array([[0.0, 1.0], [3.0, 0.0]])  # s[0] = (1 + 3) / 2
+    np.testing.assert_array_equal(np.diag(correct_diagonal(c, "basic")), [2.0, 2.0])
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 40])
+def test_basic_matches_seed_formula(n):
+    rng = np.random.default_rng(n)
+    c = random_symmetric(rng, 3, n)
+    out = correct_diagonal(c, "basic")
+    for k in range(3):
+        np.testing.assert_allclose(out[k], seed_basic(c[k]), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["basic", "statistical", "interpolation"])
+def test_only_diagonal_changes_and_symmetry_kept(method):
+    rng = np.random.default_rng(1)
+    c = random_symmetric(rng, 2, 25)
+    out = correct_diagonal(c, method)
+    off = ~np.eye(25, dtype=bool)
+    np.testing.assert_array_equal(out[:, off], c[:, off])
+    assert not np.array_equal(np.diagonal(out, 0, 1, 2), np.diagonal(c, 0, 1, 2))
+    np.testing.assert_array_equal(out, np.swapaxes(out, 1, 2))
+    assert out is not c and np.array_equal(c, random_symmetric(np.random.default_rng(1), 2, 25))
+
+
+def test_methods_recover_true_diagonal():
+    c = model_c2()
+    truth = 1.0 + AMP
+    one_lag = AMP * (1.0 - np.exp(-1.0 / TAU))  # drop of c2 over one lag at lag 0
+    err = {m: np.abs(np.diag(correct_diagonal(c, m)) - truth) for m in
+           ("basic", "statistical", "interpolation")}  # fmt: skip
+    assert np.max(np.diag(c) - truth) == pytest.approx(EXCESS)  # the excess was there
+    # basic estimates lag 1, statistical (window 3) about lag 2: both within two lags' drop.
+    assert err["basic"].max() <= 2 * one_lag
+    assert err["statistical"].max() <= 2 * one_lag
+    # linear extrapolation leaves a second-order error: closer than basic everywhere.
+    assert np.all(err["interpolation"] < err["basic"])
+    assert err["interpolation"].max() <= 0.2 * err["basic"].min()
+
+
+def test_statistical_robust_to_outlier_in_band():
+    c = model_c2(n=30)
+    c[10, 11] = c[11, 10] = 50.0  # one bad pair in the first band
+    stat = np.diag(correct_diagonal(c, "statistical", window=3))
+    basic = np.diag(correct_diagonal(c, "basic"))
+    one_lag = AMP * (1.0 - np.exp(-1.0 / TAU))
+    assert np.max(np.abs(stat - (1 + AMP))) <= 2 * one_lag
+    assert basic[10] > 10  # the band average is dragged by the outlier
+
+
+def test_statistical_window_one_interior_is_band_mean():
+    c = model_c2(n=10)
+    out = correct_diagonal(c, "statistical", window=1)
+    np.testing.assert_allclose(np.diag(out)[1:-1], np.diag(correct_diagonal(c, "basic"))[1:-1])
+
+
+def test_n1_raises_and_n2_works():
+    for method in ("basic", "statistical", "interpolation"):
+        with pytest.raises(DataError, match="n >= 2"):
+            correct_diagonal(np.ones((3, 1, 1)), method)
+        out = correct_diagonal(np.array([[5.0, 1.2], [1.2, 5.0]]), method)
+        np.testing.assert_array_equal(out, [[1.2, 1.2], [1.2, 1.2]])
+    with pytest.raises(DataError, match="n >= 2"):
+        preprocess(make_data(np.ones((2, 1, 1))))
+
+
+# -------------------------------------------------------------------------- pipeline
+
+
+def test_float32_input_gives_float64_c_contiguous():
+    c = np.asfortranarray(model_c2(n=20)).astype(np.float32)
+    data = make_data(c, dtype=np.float32)
+    out, records = preprocess(data)
+    for name in ("wavevector_q_list", "phi_angles_list", "t1", "t2", "c2_exp"):
+        arr = getattr(out, name)
+        assert arr.dtype == np.float64 and arr.flags.c_contiguous, name
+    assert records[0]["step"] == "format" and records[0]["input_dtype"] == "float32"
+    assert data.c2_exp.dtype == np.float32  # input untouched (pure)
+
+
+def test_noise_reduction_reduces_noise_and_keeps_symmetry():
+    rng = np.random.default_rng(7)
+    n = 60
+    noise = np.triu(rng.normal(0.0, 0.05, size=(n, n)))
+    noise = noise + np.triu(noise, 1).T
+    c = 1.2 + noise
+    for method, size in (("gaussian", 2), ("median", 3), ("uniform", 3)):
+        settings = {"noise_reduction": {"enabled": True, "method": method, "size": size}}
+        out, _ = preprocess(make_data(c), settings)
+        m = out.c2_exp[0]
+        np.testing.assert_array_equal(m, m.T)
+        off = ~np.eye(n, dtype=bool)
+        assert np.std(m[off]) < 0.6 * np.std(c[off]), method
+
+
+def test_normalization_baseline_to_one():
+    c = np.stack([1.07 * model_c2(n=60, tau=5.0), 0.93 * model_c2(n=60, tau=5.0)])
+    settings = {"normalization": {"enabled": True}}
+    out, records = preprocess(make_data(c), settings)
+    lo, hi = baseline_lag_range(60)
+    assert (lo, hi) == (45, 59)
+    for k in range(2):
+        m = out.c2_exp[k]
+        assert m[0, -1] == pytest.approx(1.0, abs=1e-3)  # the longest lag
+        assert np.mean(np.diagonal(m, 50)) == pytest.approx(1.0, abs=1e-3)
+    (rec,) = [r for r in records if r["step"] == "normalization"]
+    assert rec["applied"] and rec["parameters"]["baseline_lags"] == [45, 59]
+    np.testing.assert_allclose(rec["parameters"]["baselines"], [1.07, 0.93], rtol=1e-3)
+
+
+def test_non_finite_output_names_angle():
+    c = np.stack([model_c2(n=10)] * 3)
+    c[2, 3, 5] = c[2, 5, 3] = np.nan
+    with pytest.raises(DataError, match="angle index 2"):
+        preprocess(make_data(c))
+
+
+def test_asymmetric_input_rejected_naming_angle():
+    c = np.stack([model_c2(n=10)] * 2)
+    c[1, 0, 4] += 0.1
+    with pytest.raises(DataError, match="angle index 1.*not symmetric"):
+        preprocess(make_data(c))
+
+
+def test_provenance_records():
+    settings = {
+        "diagonal_correction": {"method": "statistical", "window": 2},
+        "noise_reduction": {"enabled": True, "size": 1.5},
+    }
+    _, records = preprocess(make_data(model_c2(n=20)), settings)
+    steps = [r["step"] for r in records]
+    assert steps == ["format", "diagonal_correction", "normalization", "noise_reduction",
+                     "validation"]  # fmt: skip
+    for r in records:
+        assert RECORD_FIELDS <= set(r), r
+        assert r["stage"] == "preprocess" and r["duration_ms"] >= 0
+        assert r["input_shape"] == r["output_shape"] == [1, 20, 20]
+    by_step = {r["step"]: r for r in records}
+    assert by_step["diagonal_correction"]["parameters"] == {"window": 2}
+    assert by_step["normalization"]["applied"] is False
+    assert by_step["noise_reduction"]["parameters"]["size"] == 1.5
+
+
+def test_diagonal_correction_can_be_disabled():
+    c = model_c2(n=12)
+    out, records = preprocess(make_data(c), {"diagonal_correction": {"enabled": False}})
+    np.testing.assert_array_equal(out.c2_exp[0], c)
+    assert records[1]["step"] == "diagonal_correction" and records[1]["applied"] is False
+
+
+# -------------------------------------------------------------------------- settings
+
+
+def test_settings_defaults_and_round_trip():
+    s = PreprocessSettings.from_mapping(None)
+    m = s.to_mapping()
+    assert m == {
+        "diagonal_correction": {"enabled": True, "method": "basic", "window": 3},
+        "normalization": {"enabled": False, "method": "baseline"},
+        "noise_reduction": {"enabled": False, "method": "gaussian", "size": 3},
+    }
+    assert PreprocessSettings.from_mapping(m) == s
+
+
+@pytest.mark.parametrize(
+    ("mapping", "pattern"),
+    [
+        ({"diagonal_correction": {"methd": "basic"}},
+         r"preprocess\.diagonal_correction\.methd: unknown key"),
+        ({"diagnal_correction": {}}, r"preprocess\.diagnal_correction: unknown key"),
+        ({"diagonal_correction": {"method": "basci"}},
+         r"preprocess\.diagonal_correction\.method: got 'basci'"),
+        ({"diagonal_correction": {"window": 0}}, r"preprocess\.diagonal_correction\.window"),
+        ({"diagonal_correction": {"window": 2.0}}, r"diagonal_correction\.window: got 2\.0"),
+        ({"diagonal_correction": {"enabled": "yes"}}, r"diagonal_correction\.enabled"),
+        ({"normalization": {"method": "max"}}, r"normalization\.method: got 'max'"),
+        ({"noise_reduction": {"method": "median", "size": 2.5}}, r"noise_reduction\.size"),
+        ({"noise_reduction": {"size": -1}}, r"noise_reduction\.size"),
+        ({"noise_reduction": "gaussian"}, r"preprocess\.noise_reduction: got 'gaussian'"),
+        ([1, 2], r"preprocess: got \[1, 2\]; expected a mapping"),
+    ],
+)  # fmt: skip
+def test_bad_settings_raise_config_error(mapping, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        PreprocessSettings.from_mapping(mapping)
+
+
+def test_settings_where_prefix_and_direct_construction_checked():
+    with pytest.raises(ConfigError, match=r"^stages\.pre\.normalization\.x: unknown key"):
+        PreprocessSettings.from_mapping({"normalization": {"x": 1}}, where="stages.pre")
+    from homodyne_steps.preprocess import DiagonalCorrectionSettings
+
+    bad = PreprocessSettings(diagonal_correction=DiagonalCorrectionSettings(window=0))
+    with pytest.raises(ConfigError, match="window"):
+        preprocess(make_data(model_c2(n=5)), bad)
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def test_stage_writes_both_files(tmp_path):
+    src = make_data(model_c2(n=16), dtype=np.float32).to_npz(tmp_path / "in.npz")
+    out_npz, out_json = tmp_path / "out" / "c2.npz", tmp_path / "out" / "provenance.json"
+    preprocess_stage(src, out_npz, out_json, {"diagonal_correction": {"method": "interpolation"}})
+    back = XpcsData.from_npz(out_npz)
+    assert back.c2_exp.dtype == np.float64
+    assert np.diag(back.c2_exp[0]).max() < 1.0 + AMP + 0.05
+    prov = json.loads(out_json.read_text())
+    assert prov["schema_version"] == 1
+    assert prov["settings"]["diagonal_correction"]["method"] == "interpolation"
+    assert [r["step"] for r in prov["records"]][1] == "diagonal_correction"
+    assert all(RECORD_FIELDS <= set(r) for r in prov["records"])
+
+
+@pytest.mark.parametrize(
+    ("c2", "settings", "error"),
+    [
+        (np.ones((1, 1, 1)), None, DataError),
+        (model_c2(n=8), {"normalization": {"methd": "baseline"}}, ConfigError),
+    ],
+)
+def test_stage_writes_nothing_on_failure(tmp_path, c2, settings, error):
+    src = make_data(c2).to_npz(tmp_path / "in.npz")
+    with pytest.raises(error):
+        preprocess_stage(src, tmp_path / "o.npz", tmp_path / "p.json", settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
+
+
+def test_stage_removes_npz_when_json_write_fails(tmp_path, monkeypatch):
+    import homodyne_steps.preprocess as pp
+
+    def broken_write_json(path, obj):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pp, "write_json", broken_write_json)
+    src = make_data(model_c2(n=8)).to_npz(tmp_path / "in.npz")
+    with pytest.raises(OSError, match="disk full"):
+        preprocess_stage(src, tmp_path / "o.npz", tmp_path / "p.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]

@@ -1,0 +1,33 @@
+# Shared setup: config validation and the per-rule config slices.
+# Only light package modules are imported here (no JAX): the workflow parses fast.
+import re
+
+from homodyne_steps.wfconfig import (
+    code_fingerprint,
+    dataset_names,
+    stage_settings,
+    validate_config,
+)
+
+# Our validator names every bad key by its full path; Snakemake's then records the
+# schema for the report.
+validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+validate(config, "../schemas/config.schema.yaml", set_default=False)
+
+DATASETS = dataset_names(config)
+SIMULATED = sorted(config.get("simulate", {}))
+ENV = "../../envs/homodyne-steps.yaml"
+
+
+wildcard_constraints:
+    dataset="|".join(map(re.escape, DATASETS)) if DATASETS else "(?!)",
+    simulated="|".join(map(re.escape, SIMULATED)) if SIMULATED else "(?!)",
+
+
+def dataset_file(wildcards):
+    return config["datasets"][wildcards.dataset]["file"]
+
+
+def settings_of(stage):
+    """Params function: the JSON slice of the config that one stage of a dataset sees."""
+    return lambda wildcards: stage_settings(config, stage, wildcards.dataset)
