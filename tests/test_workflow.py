@@ -1,0 +1,158 @@
+"""The Snakemake workflow: config validation, end-to-end demo run, rerun semantics."""
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from homodyne_steps.errors import ConfigError
+from homodyne_steps.wfconfig import code_fingerprint, stage_settings, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text(encoding="utf-8"))
+
+
+def copy_workflow(dest: Path) -> Path:
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def snakemake(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["snakemake", "--cores", "2", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+
+
+def planned_jobs(cwd: Path) -> dict[str, int]:
+    """Rule -> job count of a dry run ({} when nothing is to be done)."""
+    done = snakemake(cwd, "-n")
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = done.stdout + done.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+def write_config(cwd: Path, config: dict) -> None:
+    (cwd / "config" / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+
+
+def test_default_config_is_valid():
+    validate_config(CONFIG, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c["preprocess"]["diagonal_correction"].update(methd="basic"),
+         "preprocess.diagonal_correction.methd: unknown key"),
+        (lambda c: c["datasets"]["demo"].update(L="2.0e6"),
+         "datasets.demo.L: '2.0e6' is not of type 'number'"),
+        (lambda c: c["datasets"]["demo"].update(qq=1.0), "datasets.demo.qq: unknown key"),
+        (lambda c: c["datasets"]["demo"].pop("L"), "datasets.demo: 'L' is a required property"),
+        (lambda c: c.update(filtr={}), "filtr: unknown key"),
+        (lambda c: c["filter"].update(phi_ranges=[[0, 10, 20]]), "filter.phi_ranges"),
+        (lambda c: c["qc"].update(on_fail="ignore"), "qc.on_fail: 'ignore' is not one of"),
+        (lambda c: c["datasets"]["demo"]["frames"].update(start=0), "datasets.demo.frames.start"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_key(edit, message):
+    config = copy.deepcopy(CONFIG)
+    edit(config)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config, SCHEMA)
+
+
+def test_stage_slices_are_canonical_and_minimal():
+    reordered = copy.deepcopy(CONFIG)
+    reordered["preprocess"] = dict(reversed(list(reordered["preprocess"].items())))
+    for stage in ("load", "filter", "preprocess", "qc"):
+        assert stage_settings(CONFIG, stage, "demo") == stage_settings(reordered, stage, "demo")
+    load = json.loads(stage_settings(CONFIG, "load", "demo"))
+    assert set(load) <= {"q", "dt", "frames", "q_tolerance", "storage"}
+    # A dataset's own section overrides the global one key by key.
+    override = copy.deepcopy(CONFIG)
+    override["datasets"]["demo"]["filter"] = {"phi_ranges": [[-40, 40]]}
+    merged = json.loads(stage_settings(override, "filter", "demo"))
+    assert merged["phi_ranges"] == [[-40, 40]] and merged["exclude_t0"] is True
+
+
+def test_code_fingerprints_name_the_version_and_differ_by_stage():
+    prints = {s: code_fingerprint(s) for s in ("simulate", "load", "filter", "preprocess", "qc")}
+    assert len(set(prints.values())) == len(prints)
+    assert all("+" in p for p in prints.values())
+
+
+def test_conda_env_matches_pyproject():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    env = yaml.safe_load((ROOT / "envs" / "homodyne-steps.yaml").read_text(encoding="utf-8"))
+
+    def name(spec: str) -> str:
+        return re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0].lower()
+
+    wanted = {name(d): d.replace(" ", "") for d in pyproject["project"]["dependencies"]}
+    conda = {name(d): d.replace(" ", "") for d in env["dependencies"] if isinstance(d, str)}
+    conda.pop("python")
+    conda.pop("pip")
+    assert conda == wanted
+
+
+def test_snakemake_names_a_bad_key_and_stops(tmp_path):
+    cwd = copy_workflow(tmp_path)
+    config = copy.deepcopy(CONFIG)
+    config["preprocess"]["noise_reduction"]["sise"] = 3
+    write_config(cwd, config)
+    done = snakemake(cwd, "-n")
+    assert done.returncode != 0
+    assert "preprocess.noise_reduction.sise: unknown key" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
+    cwd = copy_workflow(tmp_path)
+    done = snakemake(cwd)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = cwd / "results" / "demo" / "data"
+    for name in ("loaded.npz", "loaded.json", "filtered.npz", "filter_report.json",
+                 "preprocessed.npz", "provenance.json", "qc_report.json", "qc.npz"):  # fmt: skip
+        assert (data / name).is_file(), name
+    assert (cwd / "resources" / "demo" / "truth.json").is_file()
+    assert json.loads((data / "qc_report.json").read_text())["overall"]["status"] != "fail"
+    assert json.loads((data / "loaded.json").read_text())["source"]["format"] == "aps_u"
+    for stage in ("simulate", "load", "filter", "preprocess", "qc"):
+        assert (cwd / "logs" / "demo" / f"{stage}.log").is_file()
+    assert planned_jobs(cwd) == {}
+
+    def with_edit(edit) -> dict[str, int]:
+        config = copy.deepcopy(CONFIG)
+        edit(config)
+        write_config(cwd, config)
+        return planned_jobs(cwd)
+
+    assert with_edit(lambda c: None) == {}  # key order and formatting do not matter
+    assert with_edit(lambda c: c["preprocess"]["diagonal_correction"].update(method="statistical")) == {
+        "preprocess": 1, "qc": 1, "all": 1
+    }  # fmt: skip
+    assert with_edit(lambda c: c["qc"].update(g2_ceiling=2.5)) == {"qc": 1, "all": 1}
+    assert with_edit(lambda c: c["filter"].update(phi_ranges=[[-40, 100]])) == {
+        "filter": 1, "preprocess": 1, "qc": 1, "all": 1
+    }  # fmt: skip
+    assert with_edit(lambda c: c["datasets"]["demo"].update(q_tolerance=0.05)) == {
+        "load": 1, "filter": 1, "preprocess": 1, "qc": 1, "all": 1
+    }  # fmt: skip
+    assert with_edit(lambda c: c["simulate"]["demo"].update(seed=2)) == {
+        "simulate": 1, "load": 1, "filter": 1, "preprocess": 1, "qc": 1, "all": 1
+    }  # fmt: skip
