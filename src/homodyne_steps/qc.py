@@ -40,6 +40,7 @@ The overall status is ``excellent``, ``pass``, ``warn`` or ``fail`` on the same 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -300,7 +301,26 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+MAX_STAT_SAMPLES = 100_000
+
+
+def _sample(values: np.ndarray) -> np.ndarray:
+    """A deterministic strided subsample of at most MAX_STAT_SAMPLES values.
+
+    Medians and MADs of 10⁶ noisy elements differ from those of an even 10⁵-subsample
+    far below any QC threshold, at a tenth of the cost (23 × 1000² data: 7 s → <1 s).
+    """
+    step = -(-values.size // MAX_STAT_SAMPLES)
+    return values[::step] if step > 1 else values
+
+
+@functools.lru_cache(maxsize=8)
+def _triu(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, k=k)
+
+
 def _nan_stat(func, values: np.ndarray) -> float:
+    values = _sample(values)
     values = values[np.isfinite(values)]
     return float(func(values)) if values.size else math.nan
 
@@ -309,13 +329,13 @@ def angle_stats(c: np.ndarray) -> AngleStats:
     """First-lag mean, long-lag median and noise of one (n_t, n_t) matrix, off-diagonal."""
     n = c.shape[0]
     first_lag = _nan_stat(np.mean, np.diagonal(c, 1)) if n >= 2 else math.nan
-    i, j = np.triu_indices(n, k=max(1, n // 2))  # long lags: the upper half of lag range
+    i, j = _triu(n, max(1, n // 2))  # long lags: the upper half of lag range
     baseline = _nan_stat(np.median, c[i, j]) if i.size else math.nan
     noise = math.nan
     if n >= 3:
         # Difference of neighbours along each lag band (k ≥ 1): the signal cancels.
         d = c[1:, 1:] - c[:-1, :-1]
-        d = d[np.triu_indices(n - 1, k=1)]
+        d = _sample(d[_triu(n - 1, 1)])
         d = d[np.isfinite(d)]
         if d.size:
             noise = float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2.0))
@@ -461,7 +481,8 @@ def _asymmetry(c: np.ndarray) -> float:
     with np.errstate(invalid="ignore"):
         diff = np.abs(c - c.T)
     diff = diff[np.isfinite(diff)]
-    mags = np.abs(c[np.isfinite(c)])
+    sample = _sample(c.ravel())
+    mags = np.abs(sample[np.isfinite(sample)])
     if not diff.size or not mags.size:
         return 0.0
     scale = float(np.median(mags)) or 1.0
