@@ -143,7 +143,8 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
         return planned_jobs(cwd)
 
     assert with_edit(lambda c: None) == {}  # key order and formatting do not matter
-    assert with_edit(lambda c: c["preprocess"]["diagonal_correction"].update(method="statistical")) == {
+    statistical = {"method": "statistical"}
+    assert with_edit(lambda c: c["preprocess"]["diagonal_correction"].update(statistical)) == {
         "preprocess": 1, "qc": 1, "all": 1
     }  # fmt: skip
     assert with_edit(lambda c: c["qc"].update(g2_ceiling=2.5)) == {"qc": 1, "all": 1}
