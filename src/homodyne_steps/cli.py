@@ -216,6 +216,23 @@ def _add_data_stages(sub: argparse._SubParsersAction) -> None:
         {"raw": "loaded.npz", "filtered": "filtered.npz", "preprocessed": "preprocessed.npz"},
         {"out-json": "qc_report.json to write", "out-npz": "QC'd data to write"},
     ).set_defaults(func=_run_qc)  # fmt: skip
+    p = sub.add_parser(
+        "nlsq",
+        help="bounded least-squares fit of the model to QC'd data",
+        description="Fit the homodyne model to QC'd data (upper triangle, data-derived σ); "
+        "writes parameters.json, analysis_results_nlsq.json, convergence_metrics.json and "
+        "fitted_data.npz into --out-dir.",
+    )
+    p.add_argument("--input", required=True, help="QC'd data (qc.npz)")
+    p.add_argument("--out-dir", required=True, help="directory for the four output files")
+    p.add_argument(
+        "--settings",
+        default="{}",
+        metavar="JSON",
+        help="JSON object with analysis_mode, L, parameters (registry overrides) "
+        "and nlsq (the stage's settings)",
+    )
+    p.set_defaults(func=_run_nlsq)
 
 
 def _run_load(args: argparse.Namespace) -> int:
@@ -268,6 +285,34 @@ def _run_qc(args: argparse.Namespace) -> int:
     )
     overall = report["overall"]
     print(f"QC {overall['status']}: score {overall['score']:.1f} ({overall['label']})")
+    return 0
+
+
+def _run_nlsq(args: argparse.Namespace) -> int:
+    from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
+    from homodyne_steps.settings import check_keys, parse_settings_json
+
+    s = parse_settings_json(args.settings, "nlsq")
+    check_keys(s, {"analysis_mode", "L", "parameters", "nlsq"}, "nlsq job")
+    for key in ("analysis_mode", "L"):
+        if key not in s:
+            raise HomodyneStepsError(f"nlsq: the dataset's {key} is required")
+    settings = NlsqSettings.from_mapping(s.get("nlsq"))
+    out = nlsq_stage(
+        args.input,
+        args.out_dir,
+        mode=s["analysis_mode"],
+        L=s["L"],
+        settings=settings,
+        parameter_overrides=s.get("parameters"),
+    )
+    r = out.result
+    print(
+        f"NLSQ {r.status} ({r.reason}) in {r.iterations} iterations, "
+        f"reduced chi2 = {r.reduced_chi_squared:.4f}"
+    )
+    for name, value, unc in zip(out.names, r.physical, out.uncertainties, strict=True):
+        print(f"  {name:20s} {value:12.6g} ± {unc:.3g}")
     return 0
 
 

@@ -244,6 +244,32 @@ def c2_pairs_jacobian(
     return c2, jac, g1_sq
 
 
+def _g1_sq_with_aux(physical, grid, i, j, a):
+    g1 = _g1_pairs(physical, grid, i, j, a)
+    g1_sq = g1 * g1
+    return g1_sq, g1_sq
+
+
+def g1_sq_and_jacobian(
+    physical: jax.Array, grid: KernelGrid, i: jax.Array, j: jax.Array, a: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """g1² at index pairs and its Jacobian d(g1²)/dphysical (N, n_params), one pass.
+
+    Not jitted: fitters call it inside their own compiled loops. Because c2 is linear in
+    (contrast, offset), fitters accumulate statistics of g1² and apply any scaling later.
+    """
+    jac, g1_sq = jax.jacfwd(_g1_sq_with_aux, has_aux=True)(physical, grid, i, j, a)
+    return g1_sq, jac
+
+
+def g1_sq(
+    physical: jax.Array, grid: KernelGrid, i: jax.Array, j: jax.Array, a: jax.Array
+) -> jax.Array:
+    """g1² at index pairs (not jitted; for use inside compiled loops)."""
+    g1 = _g1_pairs(physical, grid, i, j, a)
+    return g1 * g1
+
+
 @jax.jit
 def c2_matrix(
     physical: jax.Array, contrast: jax.Array, offset: jax.Array, grid: KernelGrid

@@ -47,6 +47,7 @@ class ParameterSpec:
     prior_sigma: float
     modes: tuple[str, ...]
     description: str
+    log_scale: bool = False  # strictly positive, spans decades: fitted/sampled in log
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -59,13 +60,14 @@ _FLOW = (LAMINAR_FLOW,)
 # Bounds: the reference package's 2.23 audit (see shared/spec/physics.md).
 DEFAULT_SPECS: tuple[ParameterSpec, ...] = (
     ParameterSpec("D0", "Å²/s", 1e4, 1e2, 1e5, 1e4, 1e4, _BOTH,
-                  "diffusion prefactor in D(t) = D0 t^alpha + D_offset"),
+                  "diffusion prefactor in D(t) = D0 t^alpha + D_offset", log_scale=True),
     ParameterSpec("alpha", "–", 0.0, -2.0, 2.0, 0.0, 0.5, _BOTH,
                   "anomalous-diffusion exponent (0 normal, <0 sub-, >0 super-diffusive)"),
     ParameterSpec("D_offset", "Å²/s", 0.0, -1e5, 1e5, 0.0, 1e3, _BOTH,
                   "constant part of D(t)"),
     ParameterSpec("gamma_dot_t0", "1/s", 1e-3, 1e-6, 0.5, 1e-3, 1e-2, _FLOW,
-                  "shear-rate prefactor in γ̇(t) = gamma_dot_t0 t^beta + gamma_dot_t_offset"),
+                  "shear-rate prefactor in γ̇(t) = gamma_dot_t0 t^beta + gamma_dot_t_offset",
+                  log_scale=True),
     ParameterSpec("beta", "–", 0.0, -2.0, 2.0, 0.0, 0.5, _FLOW,
                   "shear-rate exponent (0 constant shear)"),
     ParameterSpec("gamma_dot_t_offset", "1/s", 0.0, -0.1, 0.1, 0.0, 1e-2, _FLOW,
@@ -107,6 +109,8 @@ def _check_spec(spec: ParameterSpec) -> None:
             f"parameter {spec.name!r}: prior mean {spec.prior_mu:g} is outside its bounds "
             f"[{spec.lower:g}, {spec.upper:g}]"
         )
+    if spec.log_scale and not spec.lower > 0:
+        raise ParameterError(f"parameter {spec.name!r}: a log-scale parameter needs lower > 0")
     if not spec.prior_sigma > 0:
         raise ParameterError(
             f"parameter {spec.name!r}: prior sigma must be > 0, got {spec.prior_sigma:g}"

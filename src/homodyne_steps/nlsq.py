@@ -1,0 +1,530 @@
+r"""Bounded nonlinear least squares on the one kernel, by per-angle sufficient statistics.
+
+Problem. Points n = (i, j, a) of the upper triangle (t1 < t2; the shot-noise diagonal is
+never fitted) of every angle a, with data d_n and weights w_n = 1/σ_n::
+
+    χ²(θ, s) = Σ_n w_n² (offset_a + contrast_a G_n(θ) − d_n)²,     G = g1² of the model.
+
+Because c2 is linear in the per-angle scaling, one pass over the data at θ accumulates,
+per angle, the sums Σw²G², Σw²G, Σw², Σw²Gd, Σw²d, Σw²d² and, with H = ∂G/∂θ,
+A = Σw²HHᵀ, U = Σw²HG, V = Σw²H, Y = Σw²Hd. From these the exact χ², the Gauss–Newton
+normal matrix JᵀJ and gradient Jᵀr follow for *any* per-angle scaling without touching
+the data again::
+
+    JᵀJ_θθ = Σ_a c_a² A_a          Jᵀr_θ = Σ_a c_a (c_a U_a + o_a V_a − Y_a)
+    JᵀJ_θc_a = c_a U_a             JᵀJ_θo_a = c_a V_a
+    JᵀJ_(c,o)_a = [[ΣGG, ΣG], [ΣG, Σ1]]_a
+
+Each scaling mode is a linear map s = Mψ + fixed (:mod:`homodyne_steps.scaling`), so
+its system is Tᵀ(JᵀJ)T with T = diag(I, M). Variable projection eliminates the scaling
+exactly: for each θ the per-angle 2 × 2 system gives the optimal (c_a, o_a), and the
+normal matrix of θ is the Schur complement JᵀJ_θθ − JᵀJ_θs (JᵀJ_ss)⁻¹ JᵀJ_sθ (Kaufman's
+Jacobian).
+
+Memory is O(chunk × n_params) whatever the data size: the pass is a compiled
+``lax.scan`` over chunks of point indices (angle-stratified, so every chunk sees every
+angle), gathering from the point arrays without copying them.
+
+Solver: Levenberg–Marquardt with Marquardt scaling (damping ∝ diag JᵀJ, so parameters of
+very different magnitudes, D0 ~ 1e4 and γ̇0 ~ 1e-4, are treated alike), box bounds by
+projection with an active set (a parameter on a bound whose gradient pushes outward is
+held there), and a cheap value-only pass to test a trial step before paying for the
+Jacobian. Convergence: relative χ² decrease < ftol on an accepted step, a scaled step
+< xtol, or a scaled projected gradient < gtol.
+
+Uncertainties: cov = (JᵀJ)⁻¹ · χ²_red over the free parameters (scipy's
+``absolute_sigma=False`` convention: if σ is misestimated or the model misfits, the
+errors grow with it instead of staying optimistic).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from homodyne_steps._jax import jax, jnp
+from homodyne_steps.model import KernelGrid, g1_sq, g1_sq_and_jacobian
+from homodyne_steps.scaling import ScalingMap
+
+
+class FitPoints(NamedTuple):
+    """The points of one fit on the device, with one dummy point (w = 0) at index N.
+
+    Chunk index arrays use N as padding, so padded entries contribute nothing.
+    """
+
+    i: jax.Array
+    j: jax.Array
+    a: jax.Array
+    d: jax.Array
+    w: jax.Array
+
+
+def make_points(i, j, a, d, sigma) -> FitPoints:
+    """Device arrays of the points; sigma must be finite and > 0."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    w = 1.0 / sigma
+    return FitPoints(
+        i=jnp.asarray(np.append(np.asarray(i, np.int32), 0)),
+        j=jnp.asarray(np.append(np.asarray(j, np.int32), 1)),
+        a=jnp.asarray(np.append(np.asarray(a, np.int32), 0)),
+        d=jnp.asarray(np.append(np.asarray(d, np.float64), 0.0)),
+        w=jnp.asarray(np.append(w, 0.0)),
+    )
+
+
+class Stats(NamedTuple):
+    """Per-angle sufficient statistics at one θ (NumPy, float64)."""
+
+    s_gg: np.ndarray
+    s_g: np.ndarray
+    s_1: np.ndarray
+    s_gd: np.ndarray
+    s_d: np.ndarray
+    s_dd: np.ndarray
+    A: np.ndarray | None = None  # (P, p, p)
+    U: np.ndarray | None = None  # (P, p)
+    V: np.ndarray | None = None
+    Y: np.ndarray | None = None
+
+
+def angle_blocks(chunks: np.ndarray, angle: np.ndarray, n_phi: int) -> np.ndarray:
+    """Regroup a chunk plan into (n_chunks, n_phi, m): each chunk as per-angle blocks.
+
+    ``chunks`` holds point indices padded with N (the dummy point). Within a chunk, the
+    points of angle k fill row k, padded with N to the longest row m. With a stratified
+    plan the rows are balanced (m ≈ chunk / n_phi), and the per-angle sums of the pass
+    become plain reductions and batched products, with no scatter.
+    """
+    n_points = angle.size
+    n_chunks = chunks.shape[0]
+    flat = chunks.ravel()
+    valid = flat < n_points
+    chunk_of = np.repeat(np.arange(n_chunks), chunks.shape[1])[valid]
+    idx = flat[valid]
+    key = chunk_of * n_phi + angle[idx]
+    order = np.argsort(key, kind="stable")
+    key, idx = key[order], idx[order]
+    counts = np.bincount(key, minlength=n_chunks * n_phi)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(idx.size) - starts[key]
+    m = max(int(counts.max()), 1)
+    out = np.full((n_chunks * n_phi, m), n_points, dtype=np.int64)
+    out[key, pos] = idx
+    return out.reshape(n_chunks, n_phi, m)
+
+
+@partial(jax.jit, static_argnames=("with_jacobian",))
+def _accumulate(physical, grid: KernelGrid, pts: FitPoints, blocks, with_jacobian: bool):
+    n_phi = blocks.shape[1]
+    p = physical.shape[0]
+
+    def body(carry, idx):  # idx: (n_phi, m) point indices, row k = angle k
+        i, j, a, d, w = pts.i[idx], pts.j[idx], pts.a[idx], pts.d[idx], pts.w[idx]
+        if with_jacobian:
+            g, h = g1_sq_and_jacobian(physical, grid, i, j, a)
+        else:
+            g = g1_sq(physical, grid, i, j, a)
+        w2 = w * w
+        out = [
+            jnp.sum(w2 * g * g, 1),
+            jnp.sum(w2 * g, 1),
+            jnp.sum(w2, 1),
+            jnp.sum(w2 * g * d, 1),
+            jnp.sum(w2 * d, 1),
+            jnp.sum(w2 * d * d, 1),
+        ]
+        if with_jacobian:
+            hw = h * w[..., None]  # (n_phi, m, p)
+            out += [
+                jnp.einsum("amk,aml->akl", hw, hw),
+                jnp.einsum("amk,am->ak", hw, w * g),
+                jnp.einsum("amk,am->ak", hw, w),
+                jnp.einsum("amk,am->ak", hw, w * d),
+            ]
+        return tuple(c + o for c, o in zip(carry, out, strict=True)), None
+
+    zeros = [jnp.zeros(n_phi)] * 6
+    if with_jacobian:
+        zeros += [
+            jnp.zeros((n_phi, p, p)),
+            jnp.zeros((n_phi, p)),
+            jnp.zeros((n_phi, p)),
+            jnp.zeros((n_phi, p)),
+        ]
+    carry, _ = jax.lax.scan(body, tuple(zeros), blocks)
+    return carry
+
+
+def accumulate(physical, grid, pts, blocks, with_jacobian) -> Stats:
+    out = _accumulate(jnp.asarray(physical), grid, pts, blocks, with_jacobian)
+    return Stats(*(np.asarray(x) for x in out))
+
+
+# ---------------------------------------------------------------------------------------
+# Normal equations from statistics
+# ---------------------------------------------------------------------------------------
+def chi_squared(st: Stats, contrast: np.ndarray, offset: np.ndarray) -> float:
+    c, o = contrast, offset
+    per_angle = (
+        c * c * st.s_gg
+        + 2 * c * o * st.s_g
+        + o * o * st.s_1
+        - 2 * c * st.s_gd
+        - 2 * o * st.s_d
+        + st.s_dd
+    )
+    return float(np.sum(per_angle))
+
+
+def chi_squared_per_angle(st: Stats, contrast: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    c, o = contrast, offset
+    return (
+        c * c * st.s_gg
+        + 2 * c * o * st.s_g
+        + o * o * st.s_1
+        - 2 * c * st.s_gd
+        - 2 * o * st.s_d
+        + st.s_dd
+    )
+
+
+def optimal_scaling(st: Stats) -> tuple[np.ndarray, np.ndarray]:
+    """Per-angle weighted least-squares (contrast, offset) for fixed θ (exact 2 × 2)."""
+    det = st.s_gg * st.s_1 - st.s_g**2
+    ok = det > 1e-12 * np.maximum(st.s_gg * st.s_1, 1e-300)
+    safe = np.where(ok, det, 1.0)
+    contrast = np.where(ok, (st.s_1 * st.s_gd - st.s_g * st.s_d) / safe, 0.0)
+    offset = np.where(ok, (st.s_gg * st.s_d - st.s_g * st.s_gd) / safe, st.s_d / st.s_1)
+    return contrast, offset
+
+
+def full_system(st: Stats, c: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """JᵀJ and Jᵀr over (θ, contrast_0..P-1, offset_0..P-1)."""
+    n_phi, p = st.U.shape
+    n = p + 2 * n_phi
+    jtj = np.zeros((n, n))
+    jtj[:p, :p] = np.einsum("a,akl->kl", c * c, st.A)
+    ntc = (c[:, None] * st.U).T
+    nto = (c[:, None] * st.V).T
+    jtj[:p, p : p + n_phi] = ntc
+    jtj[:p, p + n_phi :] = nto
+    jtj[p : p + n_phi, :p] = ntc.T
+    jtj[p + n_phi :, :p] = nto.T
+    idx = np.arange(n_phi)
+    jtj[p + idx, p + idx] = st.s_gg
+    jtj[p + idx, p + n_phi + idx] = st.s_g
+    jtj[p + n_phi + idx, p + idx] = st.s_g
+    jtj[p + n_phi + idx, p + n_phi + idx] = st.s_1
+    jtr = np.concatenate(
+        [
+            np.einsum("a,ak->k", c, c[:, None] * st.U + o[:, None] * st.V - st.Y),
+            c * st.s_gg + o * st.s_g - st.s_gd,
+            c * st.s_g + o * st.s_1 - st.s_d,
+        ]
+    )
+    return jtj, jtr
+
+
+def schur_theta(jtj: np.ndarray, jtr: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eliminate the per-angle scaling (block-diagonal 2 × 2) from the system."""
+    n_phi = (jtj.shape[0] - p) // 2
+    a_tt = jtj[:p, :p].copy()
+    g_t = jtr[:p].copy()
+    for k in range(n_phi):
+        cols = [p + k, p + n_phi + k]
+        b = jtj[:p, cols]
+        css = jtj[np.ix_(cols, cols)]
+        inv = scaled_pinv(css)
+        a_tt -= b @ inv @ b.T
+        g_t -= b @ inv @ jtr[cols]
+    return a_tt, g_t
+
+
+# ---------------------------------------------------------------------------------------
+# Levenberg–Marquardt
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SolverSettings:
+    max_iterations: int = 100
+    ftol: float = 1e-10
+    xtol: float = 1e-10
+    gtol: float = 1e-8
+    dchi2_tol: float = 1e-3
+    initial_damping: float = 1e-3
+
+
+@dataclass
+class FitResult:
+    """Outcome of one fit; ``x`` holds θ then ψ (none for varpro)."""
+
+    physical: np.ndarray
+    psi: np.ndarray
+    contrast: np.ndarray
+    offset: np.ndarray
+    chi_squared: float
+    n_points: int
+    n_fitted: int  # parameters counted in the degrees of freedom
+    covariance: np.ndarray  # over (θ, contrast_0.., offset_0..) (full per-angle form)
+    covariance_x: np.ndarray  # over the fitted vector x (θ, ψ)
+    free: np.ndarray  # mask over x
+    at_lower: np.ndarray
+    at_upper: np.ndarray
+    status: str
+    reason: str
+    iterations: int
+    value_passes: int
+    jacobian_passes: int
+    history: list[float] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    gradient: np.ndarray | None = None
+
+    @property
+    def dof(self) -> int:
+        return max(self.n_points - self.n_fitted, 1)
+
+    @property
+    def reduced_chi_squared(self) -> float:
+        return self.chi_squared / self.dof
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+
+class Problem:
+    """One fit: points, chunk plan, scaling map, bounds, fixed mask."""
+
+    def __init__(
+        self,
+        grid: KernelGrid,
+        pts: FitPoints,
+        chunks: np.ndarray,
+        n_points: int,
+        n_phi: int,
+        scaling: ScalingMap,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        fixed: np.ndarray,
+        log_scale: np.ndarray | None = None,
+    ):
+        self.grid, self.pts, self.n_points, self.n_phi = grid, pts, n_points, n_phi
+        self.blocks = jnp.asarray(angle_blocks(chunks, np.asarray(pts.a)[:-1], n_phi))
+        self.scaling = scaling
+        self.varpro = scaling.mode == "varpro"
+        self.lower, self.upper, self.fixed = lower, upper, fixed
+        # Steps are taken in log x for these (D0, γ̇0): D0·t^alpha = const is a straight
+        # line in (log D0, alpha) but a curved valley in (D0, alpha).
+        self.log_scale = np.zeros(lower.size, bool) if log_scale is None else log_scale
+        self.value_passes = 0
+        self.jacobian_passes = 0
+
+    def stats(self, theta: np.ndarray, with_jacobian: bool) -> Stats:
+        if with_jacobian:
+            self.jacobian_passes += 1
+        else:
+            self.value_passes += 1
+        return accumulate(theta, self.grid, self.pts, self.blocks, with_jacobian)
+
+    def split(self, x: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
+        return x[:p], x[p:]
+
+    def scaling_of(self, st: Stats, psi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return optimal_scaling(st) if self.varpro else self.scaling.per_angle(psi)
+
+    def system(self, st: Stats, x: np.ndarray, p: int):
+        """(χ², JᵀJ, Jᵀr) over x, and the per-angle scaling used."""
+        theta, psi = self.split(x, p)
+        c, o = self.scaling_of(st, psi)
+        jtj, jtr = full_system(st, c, o)
+        if self.varpro:
+            a, g = schur_theta(jtj, jtr, p)
+        else:
+            t = np.zeros((jtj.shape[0], p + self.scaling.n_params))
+            t[:p, :p] = np.eye(p)
+            t[p:, p:] = self.scaling.matrix
+            a, g = t.T @ jtj @ t, t.T @ jtr
+        return chi_squared(st, c, o), a, g, (c, o, jtj)
+
+
+def scaled_pinv(a: np.ndarray) -> np.ndarray:
+    """Inverse of a normal matrix computed in Marquardt-scaled form.
+
+    Parameters span ~20 decades of scale (D0 ~ 1e4 Å²/s, γ̇0 ~ 1e-4 1/s): a plain pinv's
+    relative cut-off would discard the directions of the large-valued parameters.
+    """
+    scale = np.sqrt(np.clip(np.diag(a), 1e-300, None))
+    return np.linalg.pinv(a / np.outer(scale, scale), rcond=1e-13, hermitian=True) / np.outer(
+        scale, scale
+    )
+
+
+def _solve_damped(a: np.ndarray, g: np.ndarray, lam: float) -> np.ndarray:
+    scale = np.sqrt(np.clip(np.diag(a), 1e-300, None))
+    a_s = a / np.outer(scale, scale)
+    g_s = g / scale
+    m = a_s + lam * np.eye(a_s.shape[0])
+    try:
+        step = np.linalg.solve(m, -g_s)
+    except np.linalg.LinAlgError:
+        step = np.linalg.lstsq(m, -g_s, rcond=None)[0]
+    return step / scale
+
+
+def _apply_step(x, step, log_scale, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """x moved by ``step`` (in log x where ``log_scale``) and clipped to the bounds;
+    returns the new x and the step actually taken, in the same internal units."""
+    x_new = x + np.where(log_scale, 0.0, step)
+    lin = ~log_scale
+    x_new[lin] = np.clip(x_new[lin], lo[lin], hi[lin])
+    du = x_new - x
+    if log_scale.any():
+        lx, llo, lhi = np.log(x[log_scale]), np.log(lo[log_scale]), np.log(hi[log_scale])
+        u_new = np.clip(lx + step[log_scale], llo, lhi)  # clipping in log: no overflow
+        x_new[log_scale] = np.exp(u_new)
+        du[log_scale] = u_new - lx
+    return x_new, du
+
+
+def levenberg_marquardt(
+    prob: Problem, theta0: np.ndarray, psi0: np.ndarray, settings: SolverSettings = SolverSettings()
+) -> FitResult:
+    """Minimise χ² from (θ0, ψ0) within bounds; never raises on non-convergence."""
+    t_start = time.perf_counter()
+    p = theta0.size
+    x = np.concatenate([theta0, np.zeros(0) if prob.varpro else psi0]).astype(np.float64)
+    lo, hi = prob.lower, prob.upper
+    x = np.clip(x, lo, hi)
+    st = prob.stats(x[:p], with_jacobian=True)
+    t_first = time.perf_counter() - t_start
+    chi2, a, g, scal = prob.system(st, x, p)
+    history = [chi2]
+    lam, nu = settings.initial_damping, 2.0
+    status, reason = "max_iterations", f"no convergence in {settings.max_iterations} iterations"
+    iterations = 0
+    if not np.isfinite(chi2):
+        status, reason = "failed", "χ² is not finite at the starting point"
+    for iterations in range(1, settings.max_iterations + 1):  # noqa: B007
+        if status == "failed":
+            break
+        jac_u = np.where(prob.log_scale, x, 1.0)  # dx/du, u = log x on log-scale entries
+        a_u, g_u = a * np.outer(jac_u, jac_u), g * jac_u
+        active = ((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0))
+        free = ~prob.fixed & ~active
+        scale = np.sqrt(np.clip(np.diag(a_u), 1e-300, None))
+        proj_grad = np.where(free, g_u / scale, 0.0)
+        if np.max(np.abs(proj_grad)) <= settings.gtol * np.sqrt(max(chi2, 1e-300)):
+            status, reason = "converged", "gtol: scaled projected gradient below tolerance"
+            break
+        # χ² decrease a full Gauss–Newton step would still bring; below dchi2_tol the
+        # point is within ~sqrt(dchi2_tol) standard deviations of the optimum.
+        # gᵀ A⁺ g ≥ 0 even where A is singular (D0 and D_offset are collinear at alpha = 0).
+        decrement = g_u[free] @ scaled_pinv(a_u[np.ix_(free, free)]) @ g_u[free]
+        if decrement <= settings.dchi2_tol:
+            status, reason = (
+                "converged",
+                (f"dchi2: a Gauss–Newton step would lower χ² by < {settings.dchi2_tol:g}"),
+            )
+            break
+        accepted = False
+        while not accepted:
+            step = np.zeros_like(x)
+            step[free] = _solve_damped(a_u[np.ix_(free, free)], g_u[free], lam)
+            x_new, du = _apply_step(x, step, prob.log_scale, lo, hi)
+            predicted = -(g_u @ du + 0.5 * du @ a_u @ du)  # predicted decrease of χ²/2
+            if x_new[:p].tobytes() == x[:p].tobytes():
+                st_new = st  # only the scaling moved: no data pass needed
+            else:
+                st_new = prob.stats(x_new[:p], with_jacobian=False)
+            theta_psi = prob.split(x_new, p)
+            chi2_new = chi_squared(st_new, *prob.scaling_of(st_new, theta_psi[1]))
+            actual = chi2 - chi2_new
+            if np.isfinite(chi2_new) and actual > 0:
+                accepted = True
+                rho = actual / max(2.0 * predicted, 1e-300)
+                # Shrink fast on good steps: the degenerate D0–alpha–D_offset and
+                # γ̇0–beta–γ̇_offset valleys need nearly undamped Gauss–Newton steps.
+                lam = lam / 10.0 if rho > 0.75 else (lam * 2.0 if rho < 0.25 else lam)
+                lam = max(lam, 1e-12)
+                nu = 2.0
+            else:
+                lam *= nu
+                nu *= 2.0
+                if lam > 1e16:
+                    break
+        if not accepted:
+            status, reason = "stalled", "no step reduces χ² (damping exhausted)"
+            break
+        small_step = np.max(np.abs(du) * scale) <= settings.xtol * np.sqrt(max(chi2, 1e-300))
+        x = x_new
+        st = prob.stats(x[:p], with_jacobian=True)
+        chi2_prev = chi2
+        chi2, a, g, scal = prob.system(st, x, p)
+        history.append(chi2)
+        if chi2_prev - chi2 <= settings.ftol * chi2:
+            status, reason = "converged", "ftol: relative χ² decrease below tolerance"
+            break
+        if small_step:
+            status, reason = "converged", "xtol: scaled step below tolerance"
+            break
+
+    c, o, jtj_full = scal
+    n_free_x = int(np.sum(~prob.fixed))
+    n_fitted = n_free_x + (2 * prob.n_phi if prob.varpro else 0)
+    dof = max(prob.n_points - n_fitted, 1)
+    red = chi2 / dof
+    free = ~prob.fixed
+    cov_x = np.full((x.size, x.size), np.nan)
+    if free.any():
+        cov_x[np.ix_(free, free)] = scaled_pinv(a[np.ix_(free, free)]) * red
+    # Per-angle scaling covariance: the full (θ, c, o) system with the fixed θ removed.
+    full_free = np.concatenate([free[:p], np.ones(2 * prob.n_phi, bool)])
+    cov_full = np.full(jtj_full.shape, np.nan)
+    if not prob.varpro and prob.scaling.n_params < 2 * prob.n_phi:
+        t = np.zeros((jtj_full.shape[0], x.size))
+        t[:p, :p] = np.eye(p)
+        t[p:, p:] = prob.scaling.matrix
+        cov_full = t @ np.nan_to_num(cov_x) @ t.T
+        cov_full[~full_free, :] = np.nan
+        cov_full[:, ~full_free] = np.nan
+    else:
+        cov_full[np.ix_(full_free, full_free)] = (
+            scaled_pinv(jtj_full[np.ix_(full_free, full_free)]) * red
+        )
+    total = time.perf_counter() - t_start
+    return FitResult(
+        physical=x[:p].copy(),
+        psi=x[p:].copy(),
+        contrast=c,
+        offset=o,
+        chi_squared=chi2,
+        n_points=prob.n_points,
+        n_fitted=n_fitted,
+        covariance=cov_full,
+        covariance_x=cov_x,
+        free=free,
+        at_lower=x <= lo,
+        at_upper=x >= hi,
+        status=status,
+        reason=reason,
+        iterations=iterations,
+        value_passes=prob.value_passes,
+        jacobian_passes=prob.jacobian_passes,
+        history=history,
+        timings={"first_pass_s": t_first, "total_s": total},
+        gradient=g,
+    )
+
+
+def describe(result: FitResult) -> dict[str, Any]:
+    return {
+        "status": result.status,
+        "reason": result.reason,
+        "iterations": result.iterations,
+        "chi_squared": result.chi_squared,
+        "reduced_chi_squared": result.reduced_chi_squared,
+    }
