@@ -11,9 +11,11 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/nlsq.smk"
 
 
 rule all:
     default_target: True
     input:
         expand("results/{dataset}/data/qc_report.json", dataset=DATASETS),
+        expand("results/{dataset}/nlsq/parameters.json", dataset=DATASETS),

@@ -43,26 +43,68 @@ def main() -> None:
         phi = [-180.0 + (k + 0.5) * 360.0 / args.angles for k in range(args.angles)]
         settings = {"mode": "laminar_flow", "n_frames": args.frames, "phi_deg": phi, "seed": 3}
         data = work / "bench.hdf"
-        sim_wall, sim_rss = run_stage([
-            "homodyne-steps", "simulate", "--out", str(data), "--settings", json.dumps(settings)
-        ])  # fmt: skip
+        sim_wall, sim_rss = run_stage(
+            ["homodyne-steps", "simulate", "--out", str(data), "--settings", json.dumps(settings)]
+        )
         size_mb = data.stat().st_size / 2**20
         d = {k: str(work / k) for k in ("loaded", "filtered", "preprocessed", "qc")}
         stages = [
-            ("load", ["--input", str(data), "--out-npz", d["loaded"] + ".npz",
-                      "--out-json", d["loaded"] + ".json", "--settings", '{"q": 0.0054}']),
-            ("filter", ["--input", d["loaded"] + ".npz", "--out-npz", d["filtered"] + ".npz",
-                        "--out-json", d["filtered"] + ".json"]),
-            ("preprocess", ["--input", d["filtered"] + ".npz",
-                            "--out-npz", d["preprocessed"] + ".npz",
-                            "--out-json", d["preprocessed"] + ".json"]),
-            ("qc", ["--raw", d["loaded"] + ".npz", "--filtered", d["filtered"] + ".npz",
-                    "--preprocessed", d["preprocessed"] + ".npz",
-                    "--out-json", d["qc"] + ".json", "--out-npz", d["qc"] + ".npz"]),
-        ]  # fmt: skip
-        print(f"{args.angles} angles x {args.frames} frames at the target q "
-              f"(file: 3 rings, {size_mb:.0f} MiB; simulated in {sim_wall:.1f} s, "
-              f"{sim_rss:.0f} MiB peak)")  # fmt: skip
+            (
+                "load",
+                [
+                    "--input",
+                    str(data),
+                    "--out-npz",
+                    d["loaded"] + ".npz",
+                    "--out-json",
+                    d["loaded"] + ".json",
+                    "--settings",
+                    '{"q": 0.0054}',
+                ],
+            ),
+            (
+                "filter",
+                [
+                    "--input",
+                    d["loaded"] + ".npz",
+                    "--out-npz",
+                    d["filtered"] + ".npz",
+                    "--out-json",
+                    d["filtered"] + ".json",
+                ],
+            ),
+            (
+                "preprocess",
+                [
+                    "--input",
+                    d["filtered"] + ".npz",
+                    "--out-npz",
+                    d["preprocessed"] + ".npz",
+                    "--out-json",
+                    d["preprocessed"] + ".json",
+                ],
+            ),
+            (
+                "qc",
+                [
+                    "--raw",
+                    d["loaded"] + ".npz",
+                    "--filtered",
+                    d["filtered"] + ".npz",
+                    "--preprocessed",
+                    d["preprocessed"] + ".npz",
+                    "--out-json",
+                    d["qc"] + ".json",
+                    "--out-npz",
+                    d["qc"] + ".npz",
+                ],
+            ),
+        ]
+        print(
+            f"{args.angles} angles x {args.frames} frames at the target q "
+            f"(file: 3 rings, {size_mb:.0f} MiB; simulated in {sim_wall:.1f} s, "
+            f"{sim_rss:.0f} MiB peak)"
+        )
         print(f"{'stage':12s} {'wall [s]':>9s} {'peak RSS [MiB]':>15s}")
         for name, argv in stages:
             wall, rss = run_stage(["homodyne-steps", name, *argv])

@@ -301,7 +301,7 @@ def test_bad_seed_is_config_error(seed):
 
 def test_settings_defaults_round_trip_and_errors_name_the_key():
     s = ChunkingSettings.from_mapping(None)
-    assert s == ChunkingSettings(chunk_size=100_000, stratify="auto")
+    assert s == ChunkingSettings(chunk_size=50_000, stratify="auto")
     m = {"chunk_size": 5_000, "stratify": False}
     assert ChunkingSettings.from_mapping(m).to_mapping() == m
     assert ChunkingSettings.from_mapping(s.to_mapping()) == s

@@ -91,7 +91,8 @@ def test_stage_slices_are_canonical_and_minimal():
 
 
 def test_code_fingerprints_name_the_version_and_differ_by_stage():
-    prints = {s: code_fingerprint(s) for s in ("simulate", "load", "filter", "preprocess", "qc")}
+    stages = ("simulate", "load", "filter", "preprocess", "qc", "nlsq")
+    prints = {s: code_fingerprint(s) for s in stages}
     assert len(set(prints.values())) == len(prints)
     assert all("+" in p for p in prints.values())
 
@@ -132,8 +133,13 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
     assert (cwd / "resources" / "demo" / "truth.json").is_file()
     assert json.loads((data / "qc_report.json").read_text())["overall"]["status"] != "fail"
     assert json.loads((data / "loaded.json").read_text())["source"]["format"] == "aps_u"
-    for stage in ("simulate", "load", "filter", "preprocess", "qc"):
+    for stage in ("simulate", "load", "filter", "preprocess", "qc", "nlsq"):
         assert (cwd / "logs" / "demo" / f"{stage}.log").is_file()
+    fit = json.loads((cwd / "results" / "demo" / "nlsq" / "parameters.json").read_text())
+    truth = json.loads((cwd / "resources" / "demo" / "truth.json").read_text())
+    assert fit["convergence"]["converged"] and 0.9 < fit["reduced_chi_squared"] < 1.1
+    for name, p in fit["parameters"].items():
+        assert abs(p["value"] - truth["params"][name]) < 3 * p["uncertainty"], name
     assert planned_jobs(cwd) == {}
 
     def with_edit(edit) -> dict[str, int]:
@@ -144,16 +150,20 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
 
     assert with_edit(lambda c: None) == {}  # key order and formatting do not matter
     statistical = {"method": "statistical"}
+    downstream = {"nlsq": 1, "all": 1}
     assert with_edit(lambda c: c["preprocess"]["diagonal_correction"].update(statistical)) == {
-        "preprocess": 1, "qc": 1, "all": 1
+        "preprocess": 1, "qc": 1, **downstream
     }  # fmt: skip
-    assert with_edit(lambda c: c["qc"].update(g2_ceiling=2.5)) == {"qc": 1, "all": 1}
+    assert with_edit(lambda c: c["qc"].update(g2_ceiling=2.5)) == {"qc": 1, **downstream}
+    assert with_edit(lambda c: c["nlsq"].update(per_angle_scaling="individual")) == downstream
+    assert with_edit(lambda c: c["parameters"].update(D0={"bounds": [50.0, 2e5]})) == downstream
     assert with_edit(lambda c: c["filter"].update(phi_ranges=[[-40, 100]])) == {
-        "filter": 1, "preprocess": 1, "qc": 1, "all": 1
+        "filter": 1, "preprocess": 1, "qc": 1, **downstream
     }  # fmt: skip
     assert with_edit(lambda c: c["datasets"]["demo"].update(q_tolerance=0.05)) == {
-        "load": 1, "filter": 1, "preprocess": 1, "qc": 1, "all": 1
+        "load": 1, "filter": 1, "preprocess": 1, "qc": 1, **downstream
     }  # fmt: skip
+    assert with_edit(lambda c: c["datasets"]["demo"].update(L=2.5e6)) == downstream
     assert with_edit(lambda c: c["simulate"]["demo"].update(seed=2)) == {
-        "simulate": 1, "load": 1, "filter": 1, "preprocess": 1, "qc": 1, "all": 1
+        "simulate": 1, "load": 1, "filter": 1, "preprocess": 1, "qc": 1, **downstream
     }  # fmt: skip

@@ -290,13 +290,17 @@ def _run_qc(args: argparse.Namespace) -> int:
 
 def _run_nlsq(args: argparse.Namespace) -> int:
     from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
+    from homodyne_steps.registry import canonical_mode
     from homodyne_steps.settings import check_keys, parse_settings_json
 
     s = parse_settings_json(args.settings, "nlsq")
     check_keys(s, {"analysis_mode", "L", "parameters", "nlsq"}, "nlsq job")
-    for key in ("analysis_mode", "L"):
-        if key not in s:
-            raise HomodyneStepsError(f"nlsq: the dataset's {key} is required")
+    if "analysis_mode" not in s:
+        raise HomodyneStepsError("nlsq: the dataset's analysis_mode is required")
+    if s.get("L") is None:
+        if canonical_mode(s["analysis_mode"]) == "laminar_flow":
+            raise HomodyneStepsError("nlsq: laminar_flow needs the gap L (Å) of the dataset")
+        s["L"] = 1.0  # static mode never uses L
     settings = NlsqSettings.from_mapping(s.get("nlsq"))
     out = nlsq_stage(
         args.input,
@@ -333,12 +337,34 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def pin_threads(n: int) -> None:
+    """Restrict this process to ``n`` of its allowed CPUs (before JAX is imported).
+
+    Snakemake does not pin local jobs, and XLA's CPU pool follows the affinity mask at
+    backend start: without this, two concurrent JAX jobs would each use every core.
+    """
+    import os
+
+    if n < 1:
+        raise SystemExit("homodyne-steps: --threads must be >= 1")
+    if hasattr(os, "sched_setaffinity"):
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[: min(n, len(allowed))])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="homodyne-steps",
         description="XPCS homodyne analysis under flow, one stage per subcommand.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU cores this process may use (pins the CPU affinity before JAX starts: "
+        "XLA sizes its thread pool from it)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     _add_simulate(sub)
     _add_data_stages(sub)
@@ -348,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit 2 inside argparse
+    if args.threads is not None:
+        pin_threads(args.threads)
     try:
         return args.func(args)
     except HomodyneStepsError as exc:

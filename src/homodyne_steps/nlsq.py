@@ -385,7 +385,8 @@ def _apply_step(x, step, log_scale, lo, hi) -> tuple[np.ndarray, np.ndarray]:
     if log_scale.any():
         lx, llo, lhi = np.log(x[log_scale]), np.log(lo[log_scale]), np.log(hi[log_scale])
         u_new = np.clip(lx + step[log_scale], llo, lhi)  # clipping in log: no overflow
-        x_new[log_scale] = np.exp(u_new)
+        # exp(log(bound)) can land one rounding step outside the bound: clip again.
+        x_new[log_scale] = np.clip(np.exp(u_new), lo[log_scale], hi[log_scale])
         du[log_scale] = u_new - lx
     return x_new, du
 

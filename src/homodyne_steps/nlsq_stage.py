@@ -92,7 +92,11 @@ class NlsqSettings:
         )
         init = dict(m.get("initial_parameters") or {})
         for name, value in init.items():
-            REGISTRY[name]
+            if name not in REGISTRY.names:
+                raise ConfigError(
+                    f"{where}.initial_parameters.{name}: unknown parameter; known: "
+                    f"{list(REGISTRY.names)}"
+                )
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise ConfigError(f"{where}.initial_parameters.{name}: expected a number")
         fixed = m.get("fixed_parameters") or []
@@ -583,10 +587,15 @@ def write_outputs(
     grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt)
     ones = jnp.ones(data.n_phi)
     c2_raw = np.asarray(c2_matrix(jnp.asarray(r.physical), ones, 0.0 * ones, grid))  # g1²
-    scaled = r.offset[:, None, None] + r.contrast[:, None, None] * c2_raw
-    resid = data.c2_exp - scaled
     lag = np.abs(np.arange(data.n_t)[:, None] - np.arange(data.n_t)[None, :])
-    sigma_full = out.sigma_lag[:, lag]
+
+    def scaled() -> np.ndarray:
+        return r.offset[:, None, None] + r.contrast[:, None, None] * c2_raw
+
+    def normalized() -> np.ndarray:
+        return (data.c2_exp - scaled()) / out.sigma_lag[:, lag]
+
+    # Large outputs are produced one at a time while the file is written (memory).
     write_npz(
         out_dir / "fitted_data.npz",
         phi_angles=data.phi_angles_list,
@@ -594,8 +603,8 @@ def write_outputs(
         c2_theoretical_raw=c2_raw,
         c2_theoretical_scaled=scaled,
         per_angle_scaling=np.stack([r.contrast, r.offset], axis=1),
-        residuals=resid,
-        residuals_normalized=resid / sigma_full,
+        residuals=lambda: data.c2_exp - scaled(),
+        residuals_normalized=normalized,
         sigma_per_lag=out.sigma_lag,
         t1=data.t1,
         t2=data.t2,

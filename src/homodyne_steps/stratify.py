@@ -83,7 +83,7 @@ import numpy as np
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.settings import check_keys, get_int
 
-DEFAULT_CHUNK_SIZE = 100_000
+DEFAULT_CHUNK_SIZE = 50_000
 MIN_SETTINGS_CHUNK_SIZE = 1_000
 STRATIFY_CHOICES = ("auto", True, False)
 
@@ -426,7 +426,7 @@ def diagnose(plan: ChunkPlan, a: np.ndarray, execution_time_ms: float) -> Strati
 class ChunkingSettings:
     """Settings under ``nlsq.chunking``.
 
-    - ``chunk_size`` (int >= 1000, default 100_000): points per chunk. The fit's memory
+    - ``chunk_size`` (int >= 1000, default 50_000): points per chunk. The fit's memory
       scales with ``chunk_size x n_params`` (one chunk's Jacobian is
       ``chunk_size x n_params`` floats, e.g. 100_000 x 13 x 8 B = 10 MB for laminar flow
       with 3 angles, n_params = 7 + 2 x 3), not with the data size.

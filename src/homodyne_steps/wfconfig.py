@@ -29,9 +29,22 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "filter": ("filter", "dataset", "settings", "serialise"),
     "preprocess": ("preprocess", "dataset", "settings", "serialise"),
     "qc": ("qc", "dataset", "settings", "serialise"),
+    "nlsq": (
+        "nlsq_stage",
+        "nlsq",
+        "model",
+        "noise",
+        "scaling",
+        "stratify",
+        "registry",
+        "dataset",
+        "settings",
+        "serialise",
+        "_jax",
+    ),
 }
 # Global sections a dataset may override key by key (deep merge).
-OVERRIDABLE = ("filter", "preprocess", "qc")
+OVERRIDABLE = ("filter", "preprocess", "qc", "nlsq")
 LOAD_KEYS = ("q", "dt", "frames", "q_tolerance", "storage")
 
 
@@ -87,8 +100,16 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
         return dict(config.get("simulate", {}).get(dataset, {}))
     if stage == "load":
         return {k: entry[k] for k in LOAD_KEYS if k in entry}
+    merged = deep_merge(config.get(stage) or {}, entry.get(stage) or {})
+    if stage == "nlsq":
+        return {
+            "analysis_mode": entry["analysis_mode"],
+            "L": entry.get("L"),
+            "parameters": config.get("parameters") or {},
+            "nlsq": merged,
+        }
     if stage in OVERRIDABLE:
-        return deep_merge(config.get(stage) or {}, entry.get(stage) or {})
+        return merged
     raise ConfigError(f"no config slice defined for stage {stage!r}")
 
 

@@ -1,0 +1,23 @@
+# NLSQ fit: bounded least squares on the one kernel (all angles in one problem).
+
+
+rule nlsq:
+    input:
+        "results/{dataset}/data/qc.npz",
+    output:
+        parameters="results/{dataset}/nlsq/parameters.json",
+        analysis="results/{dataset}/nlsq/analysis_results_nlsq.json",
+        convergence="results/{dataset}/nlsq/convergence_metrics.json",
+        fitted="results/{dataset}/nlsq/fitted_data.npz",
+    log:
+        "logs/{dataset}/nlsq.log",
+    conda:
+        ENV
+    threads: workflow.cores
+    params:
+        settings=settings_of("nlsq"),
+        code=code_fingerprint("nlsq"),
+        out_dir=subpath(output.parameters, parent=True),
+    shell:
+        "homodyne-steps --threads {threads} nlsq --input {input:q} "
+        "--out-dir {params.out_dir:q} --settings {params.settings:q} > {log:q} 2>&1"
