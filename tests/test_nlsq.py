@@ -27,7 +27,7 @@ from homodyne_steps.nlsq_stage import (
     nlsq_stage,
     parameters_record,
 )
-from homodyne_steps.noise import NoiseSettings, noise_sigma, sigma_for_pairs
+from homodyne_steps.noise import NoiseSettings, noise_sigma
 from homodyne_steps.registry import REGISTRY
 from homodyne_steps.simulate import reference_settings, simulate_bins
 from homodyne_steps.stratify import contiguous_plan, stratified_plan
@@ -339,12 +339,12 @@ CHUNK = 100_000
 
 @pytest.fixture(scope="module")
 def big_points(big_case):
-    """Fit points of the big case built from the public pieces, plus the start values."""
+    """Fit data of the big case built from the public pieces, plus the start values."""
     data, truth = big_case
     c2 = np.asarray(data.c2_exp)
-    i, j, a = upper_triangle_pairs(data.n_t, data.n_phi)
-    sigma = sigma_for_pairs(noise_sigma(c2, NoiseSettings()), i, j, a)
-    pts = nlsq.make_points(i, j, a, c2[a, i, j], sigma)
+    pts = nlsq.make_fit_data(c2, noise_sigma(c2, NoiseSettings()))
+    # Point ids are angle-major (id = a * n_pairs + pair), as upper_triangle_pairs orders them.
+    a = upper_triangle_pairs(data.n_t, data.n_phi)[2]
     grid = make_grid(data.t1, data.phi_angles_list, data.q, truth["L"], data.dt)
     theta0 = np.array([REGISTRY[n].default for n in REGISTRY.physical_names(STATIC)])
     c0 = np.full(data.n_phi, REGISTRY["contrast"].default)

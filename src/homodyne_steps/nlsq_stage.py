@@ -29,14 +29,23 @@ from homodyne_steps import __version__
 from homodyne_steps._jax import jnp
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError, HomodyneStepsError
-from homodyne_steps.model import c2_matrix, make_grid, upper_triangle_pairs
-from homodyne_steps.nlsq import FitResult, Problem, SolverSettings, levenberg_marquardt, make_points
-from homodyne_steps.noise import NoiseSettings, noise_sigma, sigma_for_pairs, summary
+from homodyne_steps.model import c2_matrix, make_grid
+from homodyne_steps.nlsq import (
+    FitResult,
+    Problem,
+    SolverSettings,
+    angle_blocks,
+    count_points,
+    levenberg_marquardt,
+    make_fit_data,
+    stratified_blocks,
+)
+from homodyne_steps.noise import NoiseSettings, noise_sigma, summary
 from homodyne_steps.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.scaling import MODES, build_map, quantile_estimates
 from homodyne_steps.serialise import write_json, write_npz
 from homodyne_steps.settings import check_keys, get_choice, get_int, get_number
-from homodyne_steps.stratify import ChunkingSettings, diagnose
+from homodyne_steps.stratify import ChunkingSettings, diagnose_counts
 
 SCHEMA_VERSION = 1
 OUTPUT_FILES = (
@@ -161,12 +170,9 @@ class _Prepared:
     mode: str
     names: tuple[str, ...]
     grid: Any
-    i: np.ndarray
-    j: np.ndarray
-    a: np.ndarray
-    d: np.ndarray
-    sigma: np.ndarray
-    sigma_lag: np.ndarray
+    c2: np.ndarray  # (P, n_t, n_t)
+    sigma_lag: np.ndarray  # (P, n_t)
+    n_points: int
     theta0: np.ndarray
     contrast0: np.ndarray
     offset0: np.ndarray
@@ -196,20 +202,39 @@ def _prepare(data: XpcsData, mode: str, L: float, s: NlsqSettings, registry: Reg
     )
     c2 = np.asarray(data.c2_exp, dtype=np.float64)
     sigma_lag = noise_sigma(c2, s.noise)
-    i, j, a = upper_triangle_pairs(data.n_t, data.n_phi)
-    d = c2[a, i, j]
-    sigma = sigma_for_pairs(sigma_lag, i, j, a)
-    keep = np.isfinite(d) & np.isfinite(sigma) & (sigma > 0)
-    if not keep.all():
-        i, j, a, d, sigma = i[keep], j[keep], a[keep], d[keep], sigma[keep]
-    if i.size <= len(names) + 2 * data.n_phi:
-        raise DataError(f"only {i.size} usable points: too few to fit {mode} mode")
-    contrast0, offset0 = quantile_estimates(d, (j - i).astype(float), a, data.n_phi, registry)
+    n_points = count_points(c2, sigma_lag)
+    if n_points <= len(names) + 2 * data.n_phi:
+        raise DataError(f"only {n_points} usable points: too few to fit {mode} mode")
+    contrast0, offset0 = quantile_estimates(c2, registry)
     grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt)
     fixed = np.array([n in s.fixed_parameters for n in names])
-    return _Prepared(
-        mode, names, grid, i, j, a, d, sigma, sigma_lag, theta0, contrast0, offset0, fixed
-    )
+    return _Prepared(mode, names, grid, c2, sigma_lag, n_points, theta0, contrast0, offset0, fixed)
+
+
+def _blocks(prep: _Prepared, s: NlsqSettings) -> tuple[np.ndarray, dict[str, Any]]:
+    """The chunk blocks of a fit and their diagnostics (stratified unless disabled)."""
+    start = time.perf_counter()
+    n_phi, n_t = prep.c2.shape[0], prep.c2.shape[1]
+    n_pairs = n_t * (n_t - 1) // 2
+    n_total = n_phi * n_pairs
+    chunk = s.chunking.chunk_size
+    n_chunks = max(1, -(-n_total // chunk))
+    if s.chunking.use_stratification(n_chunks, n_phi) or n_chunks == 1:
+        blocks = stratified_blocks(n_pairs, n_phi, chunk)
+    else:  # consecutive ids: the naive (angle-major) chunking, for comparison only
+        ids = np.full(n_chunks * chunk, n_total, dtype=np.int64)
+        ids[:n_total] = np.arange(n_total)
+        blocks = angle_blocks(ids.reshape(n_chunks, chunk), np.arange(n_total) // n_pairs, n_phi)
+    counts = (blocks < n_total).sum(axis=2)
+    diag = diagnose_counts(
+        counts,
+        n_angles=n_phi,
+        chunk_size=chunk,
+        execution_time_ms=1e3 * (time.perf_counter() - start),
+        memory_bytes=blocks.nbytes,
+        slots=blocks.size,
+    ).to_dict()
+    return blocks, diag
 
 
 def _problem(prep: _Prepared, phi: np.ndarray, s: NlsqSettings, registry: Registry):
@@ -229,14 +254,12 @@ def _problem(prep: _Prepared, phi: np.ndarray, s: NlsqSettings, registry: Regist
     lower, upper = np.r_[lo, s_lo[:n_psi]], np.r_[hi, s_hi[:n_psi]]
     fixed = np.r_[prep.fixed, np.zeros(n_psi, bool)]
     log_scale = np.r_[[registry[n].log_scale for n in prep.names], np.zeros(n_psi, bool)]
-    start = time.perf_counter()
-    plan = s.chunking.plan(prep.a)
-    diag = diagnose(plan, prep.a, 1e3 * (time.perf_counter() - start)).to_dict()
+    blocks, diag = _blocks(prep, s)
     prob = Problem(
         prep.grid,
-        make_points(prep.i, prep.j, prep.a, prep.d, prep.sigma),
-        plan.indices,
-        prep.i.size,
+        make_fit_data(prep.c2, prep.sigma_lag),
+        blocks,
+        prep.n_points,
         n_phi,
         smap,
         lower,
@@ -351,21 +374,15 @@ def fit_sequential(
     per_angle, fits = [], []
     contrast, offset = np.full(phi.size, np.nan), np.full(phi.size, np.nan)
     for k in range(phi.size):
-        sel = prep.a == k
-        sub = _Prepared(
-            prep.mode,
-            prep.names,
-            make_grid(data.t1, phi[k : k + 1], data.q, L, data.dt),
-            prep.i[sel],
-            prep.j[sel],
-            np.zeros(sel.sum(), np.int32),
-            prep.d[sel],
-            prep.sigma[sel],
-            prep.sigma_lag[k : k + 1],
-            prep.theta0,
-            prep.contrast0[k : k + 1],
-            prep.offset0[k : k + 1],
-            prep.fixed,
+        sub_c2, sub_sigma = prep.c2[k : k + 1], prep.sigma_lag[k : k + 1]
+        sub = replace(
+            prep,
+            grid=make_grid(data.t1, phi[k : k + 1], data.q, L, data.dt),
+            c2=sub_c2,
+            sigma_lag=sub_sigma,
+            n_points=count_points(sub_c2, sub_sigma),
+            contrast0=prep.contrast0[k : k + 1],
+            offset0=prep.offset0[k : k + 1],
         )
         sub_settings = replace(s, per_angle_scaling="varpro")
         prob, psi0, _ = _problem(sub, phi[k : k + 1], sub_settings, registry)

@@ -66,30 +66,26 @@ def fourier_order(n_phi: int) -> int:
 
 
 def quantile_estimates(
-    c2: np.ndarray,
-    lag: np.ndarray,
-    angle: np.ndarray,
-    n_phi: int,
-    registry: Registry = REGISTRY,
+    c2: np.ndarray, registry: Registry = REGISTRY
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-angle (contrast, offset) from quantiles of the fitted points.
+    """Per-angle (contrast, offset) from quantiles of the upper triangle of ``c2``.
 
-    ``c2``, ``lag`` (any unit) and ``angle`` (index) are per point. Lag thresholds are
-    pooled over all angles, as in the reference.
+    ``c2`` is (n_phi, n_t, n_t). The lag thresholds (20 % and 80 % quantiles of t2 − t1
+    over the fitted pairs) are pooled over all angles, as in the reference.
     """
+    n_phi, n_t = c2.shape[0], c2.shape[1]
+    iu = np.triu_indices(n_t, k=1)
+    lag = iu[1] - iu[0]
     small, large = np.quantile(lag, [0.2, 0.8])
+    near, far = lag <= small, lag >= large
     c_lo, c_hi = registry["contrast"].bounds
     o_lo, o_hi = registry["offset"].bounds
     contrast = np.empty(n_phi)
     offset = np.empty(n_phi)
     for k in range(n_phi):
-        mine = angle == k
-        far = c2[mine & (lag >= large)]
-        near = c2[mine & (lag <= small)]
-        far = far if far.size else c2[mine]
-        near = near if near.size else c2[mine]
-        offset[k] = np.clip(np.nanquantile(far, 0.1), o_lo, o_hi)
-        contrast[k] = np.clip(np.nanquantile(near, 0.9) - offset[k], c_lo, c_hi)
+        values = c2[k][iu]
+        offset[k] = np.clip(np.nanquantile(values[far], 0.1), o_lo, o_hi)
+        contrast[k] = np.clip(np.nanquantile(values[near], 0.9) - offset[k], c_lo, c_hi)
     return contrast, offset
 
 

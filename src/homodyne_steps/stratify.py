@@ -351,38 +351,47 @@ def diagnose(plan: ChunkPlan, a: np.ndarray, execution_time_ms: float) -> Strati
         real.size == n and np.array_equal(np.bincount(real, minlength=n), np.ones(n, np.int64))
     )
 
-    # Compact angle labels (only angles that have data), then sparse (chunk, angle) counts.
     n_angles = max(plan.n_angles, int(arr.max()) + 1)
-    if n_angles <= max(1 << 20, 2 * n):
-        present = np.flatnonzero(np.bincount(arr, minlength=n_angles))
-        remap = np.full(n_angles, -1, dtype=np.int64)
-        remap[present] = np.arange(present.size)
-        compact = remap[arr]
-    else:
-        present, compact = np.unique(arr, return_inverse=True)
-    n_present = int(present.size)
-    empty = np.setdiff1d(np.arange(n_angles), present) if n_present < n_angles else []
-    pair = chunk_of * n_present + compact[real]
-    if n_chunks * n_present <= max(4 * n, 1 << 22):
-        dense = np.bincount(pair, minlength=n_chunks * n_present)
-        keys = np.flatnonzero(dense)
-        counts = dense[keys]
-    else:
-        keys, counts = np.unique(pair, return_counts=True)
-    key_chunk, key_angle = np.divmod(keys, n_present)
-    angles_per_chunk = np.bincount(key_chunk, minlength=n_chunks)
+    present = np.flatnonzero(np.bincount(arr, minlength=n_angles))
+    remap = np.full(n_angles, -1, dtype=np.int64)
+    remap[present] = np.arange(present.size)
+    counts = np.bincount(
+        chunk_of * present.size + remap[arr[real]], minlength=n_chunks * present.size
+    ).reshape(n_chunks, present.size)
+    return diagnose_counts(
+        counts,
+        n_angles=n_angles,
+        chunk_size=plan.chunk_size,
+        execution_time_ms=execution_time_ms,
+        memory_bytes=plan.indices.nbytes,
+        slots=plan.indices.size,
+        partition_ok=partition_ok,
+        empty_angles=np.setdiff1d(np.arange(n_angles), present).tolist(),
+    )
 
-    # Per-angle CV across chunks; chunks without the angle count as zeros.
-    totals = np.bincount(key_angle, weights=counts, minlength=n_present)
-    mean_a = totals / n_chunks
-    n_nonzero = np.bincount(key_angle, minlength=n_present)
-    sq = np.bincount(key_angle, weights=(counts - mean_a[key_angle]) ** 2, minlength=n_present)
-    var_a = (sq + (n_chunks - n_nonzero) * mean_a**2) / n_chunks
+
+def diagnose_counts(
+    counts: np.ndarray,
+    *,
+    n_angles: int,
+    chunk_size: int,
+    execution_time_ms: float,
+    memory_bytes: int,
+    slots: int,
+    partition_ok: bool = True,
+    empty_angles: list[int] | tuple[int, ...] = (),
+) -> StratificationDiagnostics:
+    """Diagnostics from ``counts[chunk, angle]`` (points of each angle with data in each
+    chunk): for plans that exist only as arithmetic (the fit's block layout)."""
+    counts = np.asarray(counts)
+    n_chunks, n_present = counts.shape
+    n = int(counts.sum())
+    sizes = counts.sum(axis=1)
+    angles_per_chunk = np.count_nonzero(counts, axis=1)
+    totals = counts.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cv_a = np.sqrt(var_a) / mean_a
+        cv_a = counts.std(axis=0) / counts.mean(axis=0)  # chunks lacking an angle count 0
     cv_a = cv_a[totals > 0]
-    per_angle_cv = float(cv_a.max()) if cv_a.size else 0.0
-
     sizes_f = sizes.astype(float)
     size_mean = float(sizes_f.mean())
     size_std = float(sizes_f.std())
@@ -392,7 +401,7 @@ def diagnose(plan: ChunkPlan, a: np.ndarray, execution_time_ms: float) -> Strati
         n_points=n,
         n_angles=n_angles,
         n_chunks=n_chunks,
-        chunk_size=plan.chunk_size,
+        chunk_size=chunk_size,
         chunk_sizes=[int(s) for s in sizes],
         chunk_balance={
             "mean": size_mean,
@@ -408,13 +417,13 @@ def diagnose(plan: ChunkPlan, a: np.ndarray, execution_time_ms: float) -> Strati
             "min_coverage_ratio": float(coverage.min()),
             "perfect_coverage_chunks": int(np.count_nonzero(angles_per_chunk == n_present)),
         },
-        per_angle_balance_cv=per_angle_cv,
+        per_angle_balance_cv=float(cv_a.max()) if cv_a.size else 0.0,
         execution_time_ms=float(execution_time_ms),
-        memory_overhead_mb=plan.indices.nbytes / 1e6,
+        memory_overhead_mb=memory_bytes / 1e6,
         throughput_points_per_sec=n / seconds if seconds > 0 else None,
-        fill_fraction=n / plan.indices.size,
+        fill_fraction=n / slots if slots else 0.0,
         partition_ok=partition_ok,
-        empty_angles=[int(k) for k in empty],
+        empty_angles=[int(k) for k in empty_angles],
     )
 
 
