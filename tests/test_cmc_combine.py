@@ -1,0 +1,537 @@
+"""The CMC combination stage: consensus algebra, shard exclusion, shard-set checks,
+quality labels, settings, and the output-file contract.
+
+Shards are fakes written with ``arviz.from_dict`` in the layout of ``cmc_shard``: a
+posterior with one variable per physical parameter (plus per-angle contrast/offset),
+NUTS sample stats, and the shard attributes; beside it the ``{k}.json`` summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import arviz as az
+import numpy as np
+import pytest
+
+from homodyne_steps.cmc_combine import (
+    OUTPUT_FILES,
+    CombineSettings,
+    ShardError,
+    combine_stage,
+    consensus_mc,
+    divergence_exclusion,
+    quality_label,
+    read_shards,
+    robust_exclusion,
+    simple_average,
+)
+from homodyne_steps.errors import ConfigError, DataError
+
+STATIC_TRUTH = {"D0": 1.0e4, "alpha": -0.1, "D_offset": 10.0}
+STATIC_SD = {"D0": 150.0, "alpha": 0.02, "D_offset": 4.0}
+FLOW_TRUTH = (
+    ("gamma_dot_t0", 1e-3, 1e-4),
+    ("beta", 0.0, 0.05),
+    ("gamma_dot_t_offset", 0.0, 1e-4),
+    ("phi0", 0.0, 0.5),
+)
+
+
+def _strict_json(path: Path):
+    def _reject(token):
+        raise ValueError(f"{path}: non-standard JSON token {token}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject)
+
+
+def make_shard(
+    out: Path,
+    k: int,
+    K: int,
+    *,
+    n_chains: int = 2,
+    n_draws: int = 300,
+    mode: str = "static",
+    shift: dict[str, float] | None = None,
+    n_angles: int = 2,
+    divergence_rate: float = 0.0,
+    stuck: bool = False,
+    seed: int | None = None,
+    num_shards: int | None = None,
+    json_index: int | None = None,
+    drop: tuple[str, ...] = (),
+    derived: bool = False,
+) -> tuple[Path, Path]:
+    """Write fake shard ``k`` of ``K``: Gaussian draws around the truth (shard SD = √K ×
+    the full-data SD); ``stuck`` puts the chains of every parameter 10 SD apart.
+    ``derived``: contrast/offset are deterministics of D0/alpha (as numpyro writes them
+    in varpro mode: collinear, default dim names ``contrast_dim_0``)."""
+    rng = np.random.default_rng(1000 + k if seed is None else seed)
+    shape = (n_chains, n_draws)
+    posterior = {}
+    for name, mu in STATIC_TRUTH.items():
+        if name in drop:
+            continue
+        sd = STATIC_SD[name] * np.sqrt(K)
+        mu = mu + (shift or {}).get(name, 0.0)
+        x = rng.normal(mu, sd, shape)
+        if stuck:
+            x += 10 * sd * np.arange(n_chains)[:, None]
+        posterior[name] = x
+    if mode == "laminar_flow":
+        for name, mu, sd in FLOW_TRUTH:
+            posterior[name] = rng.normal(mu, sd, shape)
+    if n_angles and derived:
+        a = np.arange(n_angles)
+        d0 = (posterior["D0"] - STATIC_TRUTH["D0"])[..., None]
+        posterior["contrast"] = 0.3 + 0.01 * a + 1e-5 * d0
+        posterior["offset"] = 1.0 + 0.001 * a + 0.01 * posterior["alpha"][..., None]
+    elif n_angles:
+        posterior["contrast"] = rng.normal(0.3, 0.01, (*shape, n_angles))
+        posterior["offset"] = rng.normal(1.0, 0.01, (*shape, n_angles))
+    n_div = int(round(divergence_rate * n_chains * n_draws))
+    diverging = np.zeros(n_chains * n_draws, dtype=bool)
+    diverging[:n_div] = True
+    sample_stats = {
+        "diverging": diverging.reshape(shape),
+        "energy": rng.normal(10.0, 1.0, shape),
+        "tree_depth": np.full(shape, 3, dtype=np.int64),
+        "step_size": np.full(shape, 0.4),
+        "acceptance_rate": rng.uniform(0.7, 0.95, shape),
+    }
+    idata = az.from_dict(
+        posterior=posterior,
+        sample_stats=sample_stats,
+        dims=None if derived else {"contrast": ["angle"], "offset": ["angle"]},
+    )
+    K_attr = K if num_shards is None else num_shards
+    idata.posterior.attrs.update(
+        shard=k,
+        num_shards=K_attr,
+        n_points=5000 + k,
+        analysis_mode=mode,
+        per_angle_scaling=("varpro" if derived else "individual") if n_angles else "constant",
+        prior_tempering=1.0 / K_attr,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    nc, js = out / f"{k}.nc", out / f"{k}.json"
+    idata.to_netcdf(str(nc))
+    meta = {
+        "shard": k if json_index is None else json_index,
+        "num_shards": K_attr,
+        "n_points": 5000 + k,
+        "num_chains": n_chains,
+        "num_warmup": 200,
+        "num_samples": n_draws,
+        "seed": k,
+        "divergences": n_div,
+        "divergence_rate": n_div / (n_chains * n_draws),
+        "step_size": 0.4,
+        "mean_tree_depth": 3.0,
+        "acceptance_rate": 0.85,
+        "timings": {"compile_s": 1.0, "warmup_s": 2.0, "sampling_s": 3.0, "total_s": 6.0},
+        "parameters": list(posterior),
+    }
+    js.write_text(json.dumps(meta), encoding="utf-8")
+    return nc, js
+
+
+def make_set(out: Path, K: int, **kw) -> tuple[list[Path], list[Path]]:
+    per_shard = kw.pop("per_shard", {})
+    pairs = [make_shard(out, k, K, **{**kw, **per_shard.get(k, {})}) for k in range(K)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+# ---------------------------------------------------------------------------------------
+# Pure combination functions
+# ---------------------------------------------------------------------------------------
+def test_consensus_mc_is_exact_for_gaussian_shards():
+    rng = np.random.default_rng(7)
+    K, p, C, D = 4, 3, 4, 25_000
+    scales = np.array([1e4, 1.0, 0.01])  # parameters of very different size, as in XPCS
+    mus, covs, draws = [], [], []
+    for _ in range(K):
+        a = rng.normal(size=(p, p))
+        cov = (a @ a.T + p * np.eye(p)) * np.outer(scales, scales)
+        mu = rng.normal(size=p) * scales
+        mus.append(mu)
+        covs.append(cov)
+        draws.append(rng.multivariate_normal(mu, cov, size=(C, D)))
+    precisions = [np.linalg.inv(c) for c in covs]
+    cov_true = np.linalg.inv(sum(precisions))
+    mu_true = cov_true @ sum(w @ m for w, m in zip(precisions, mus, strict=True))
+
+    combined = consensus_mc(draws)
+    assert combined.shape == (C, D, p)
+    flat = combined.reshape(-1, p)
+    sd = np.sqrt(np.diag(cov_true))
+    se = sd / np.sqrt(flat.shape[0])
+    assert np.all(np.abs(flat.mean(0) - mu_true) < 5 * se)
+    cov = np.cov(flat, rowvar=False)
+    corr_err = (cov - cov_true) / np.outer(sd, sd)
+    assert np.max(np.abs(corr_err)) < 0.03
+    # the naive average is not the product of the Gaussians
+    naive = simple_average(draws).reshape(-1, p)
+    assert np.max(np.abs(naive.mean(0) - mu_true) / sd) > 0.1
+
+
+def test_simple_average_of_identical_shards_returns_them():
+    x = np.random.default_rng(1).normal(size=(2, 50, 3))
+    np.testing.assert_allclose(simple_average([x, x.copy(), x.copy()]), x)
+    # consensus of identical shards is also the shard itself (equal weights)
+    np.testing.assert_allclose(consensus_mc([x, x.copy()]), x, rtol=1e-10, atol=1e-12)
+
+
+def test_shards_of_different_shapes_are_refused():
+    a, b = np.zeros((2, 50, 3)), np.zeros((2, 40, 3))
+    with pytest.raises(
+        ShardError, match=r"same \(chains, draws, n_params\).*shard 1: \(2, 40, 3\)"
+    ):
+        consensus_mc([a, b])
+    with pytest.raises(ShardError, match="same"):
+        simple_average([a, b])
+    with pytest.raises(ShardError, match="singular"):
+        x = np.random.default_rng(0).normal(size=(2, 50, 2))
+        y = x.copy()
+        y[..., 1] = 3.0  # constant parameter in one shard
+        consensus_mc([x, y], labels=[4, 5])
+
+
+def test_robust_exclusion_drops_an_outlier_at_10_mad():
+    # 7 shard means; shard 6 of D0 sits exactly 10 scaled MADs from the median
+    # (median 0, MAD 1 with the outlier included); the rest are within ~1 MAD
+    base = np.array([-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
+    means = np.stack([base, base[::-1]], axis=1)
+    means[6, 0] = 10 * 1.4826
+    kept, reasons = robust_exclusion(means, 3.0, names=["D0", "alpha"])
+    assert kept.tolist() == [True] * 6 + [False]
+    assert reasons[6] is not None and "D0" in reasons[6] and "robust scales" in reasons[6]
+    assert all(r is None for r in reasons[:6])
+
+
+def test_robust_exclusion_never_leaves_fewer_than_half():
+    # 5 shards: 0, 1 are outliers in parameter 0 and 2 in parameter 1 -> only 2 would
+    # remain (< half): all are kept and the flagged ones say why
+    means = np.array([[100.0, 0.0], [-100.0, 0.01], [0.0, 50.0], [0.01, -0.01], [-0.01, 0.02]])
+    kept, reasons = robust_exclusion(means, 3.0)
+    assert kept.all()
+    assert [r is not None for r in reasons] == [True, True, True, False, False]
+    assert all("fewer than half" in r for r in reasons[:3])
+    # with 3 shards one outlier leaves 2 of 3 (not fewer than half): excluded
+    kept3, _ = robust_exclusion(np.array([[0.0], [0.01], [100.0]]), 3.0)
+    assert kept3.tolist() == [True, True, False]
+
+
+def test_robust_exclusion_mad_floor():
+    # MAD = 0 (4 of 5 means coincide): the odd one is an outlier, all-equal is skipped
+    means = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.5, 2.0]])
+    kept, reasons = robust_exclusion(means, 3.0)
+    assert kept.tolist() == [True, True, True, True, False]
+    kept, reasons = robust_exclusion(np.ones((4, 2)), 3.0)
+    assert kept.all() and reasons == [None] * 4
+
+
+def test_robust_exclusion_width_floor_keeps_shards_that_agree_within_their_widths():
+    # means scatter by 0.01 but each shard posterior is 1 wide: a mean 0.1 away is
+    # 10 MADs out yet well inside the shard widths -> kept when the widths are given
+    means = np.array([[0.0], [0.01], [-0.01], [0.005], [0.1]])
+    assert not robust_exclusion(means, 3.0)[0][4]
+    kept, reasons = robust_exclusion(means, 3.0, shard_stds=np.ones_like(means))
+    assert kept.all() and reasons == [None] * 5
+    means[4, 0] = 5.0  # 5 shard widths away: an outlier either way
+    assert robust_exclusion(means, 3.0, shard_stds=np.ones_like(means))[0].tolist() == [
+        True, True, True, True, False
+    ]  # fmt: skip
+
+
+def test_divergence_exclusion():
+    kept, reasons = divergence_exclusion([0.0, 0.5, 0.05], 0.1)
+    assert kept.tolist() == [True, False, True]
+    assert "0.5" in reasons[1] and reasons[0] is None
+    kept, reasons = divergence_exclusion([0.3, 0.5], 0.1)
+    assert kept.all() and all("kept" in r for r in reasons)
+
+
+def test_quality_labels():
+    s = CombineSettings()
+    assert quality_label(1.01, s) == "good"
+    assert quality_label(1.07, s) == "acceptable"
+    assert quality_label(1.1, s) == "acceptable"
+    assert quality_label(1.2, s) == "poor"
+    assert quality_label(float("nan"), s) == "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+def test_settings_round_trip_and_defaults():
+    s = CombineSettings.from_mapping(None)
+    assert s == CombineSettings()
+    assert s.method == "robust_consensus_mc" and s.mad_threshold == 3.0
+    t = CombineSettings.from_mapping({"method": "consensus_mc", "ess_warn": 100})
+    assert CombineSettings.from_mapping(t.to_mapping()) == t
+
+
+@pytest.mark.parametrize(
+    "mapping, key",
+    [
+        ({"bogus": 1}, "cmc.combine.bogus"),
+        ({"method": "median"}, "cmc.combine.method"),
+        ({"mad_threshold": "3"}, "cmc.combine.mad_threshold"),
+        ({"mad_threshold": 0}, "cmc.combine.mad_threshold"),
+        ({"max_divergence_rate": 1.5}, "cmc.combine.max_divergence_rate"),
+        ({"rhat_good": True}, "cmc.combine.rhat_good"),
+        ({"rhat_good": 1.2, "rhat_acceptable": 1.1}, "cmc.combine.rhat_acceptable"),
+    ],
+)
+def test_settings_errors_name_the_key(mapping, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        CombineSettings.from_mapping(mapping)
+
+
+# ---------------------------------------------------------------------------------------
+# Shard sets
+# ---------------------------------------------------------------------------------------
+def test_missing_and_mismatched_shards_give_clear_errors(tmp_path):
+    ncs, jss = make_set(tmp_path / "a", 3, n_draws=60)
+    out = tmp_path / "out"
+    with pytest.raises(ShardError, match=r"missing shards \[1\]"):
+        combine_stage([ncs[0], ncs[2]], [jss[0], jss[2]], out)
+    with pytest.raises(ShardError, match="appear more than once"):
+        combine_stage([ncs[0], ncs[0], ncs[2]], [jss[0], jss[0], jss[2]], out)
+    with pytest.raises(ShardError, match="3 shard posterior files but 2"):
+        combine_stage(ncs, jss[:2], out)
+    with pytest.raises(ShardError, match="does not exist"):
+        combine_stage([*ncs[:2], tmp_path / "nope.nc"], jss, out)
+    # a shard from another run (different num_shards)
+    other_nc, other_js = make_shard(tmp_path / "b", 1, 4, n_draws=60)
+    with pytest.raises(ShardError, match="num_shards differs"):
+        combine_stage([ncs[0], other_nc, ncs[2]], [jss[0], other_js, jss[2]], out)
+    # different analysis mode
+    flow_nc, flow_js = make_shard(tmp_path / "c", 1, 3, n_draws=60, mode="laminar_flow")
+    with pytest.raises(ShardError, match="analysis_mode differs"):
+        combine_stage([ncs[0], flow_nc, ncs[2]], [jss[0], flow_js, jss[2]], out)
+    # different parameter names (no per-angle scaling in one shard)
+    odd_nc, odd_js = make_shard(tmp_path / "d", 1, 3, n_draws=60, n_angles=0)
+    with pytest.raises(ShardError, match="differs"):
+        combine_stage([ncs[0], odd_nc, ncs[2]], [jss[0], odd_js, jss[2]], out)
+    # a physical parameter missing
+    miss_nc, miss_js = make_shard(tmp_path / "e", 1, 3, n_draws=60, drop=("alpha",))
+    with pytest.raises(ShardError, match=r"lacks \['alpha'\]"):
+        combine_stage([ncs[0], miss_nc, ncs[2]], [jss[0], miss_js, jss[2]], out)
+    # summary and posterior of different shards
+    bad_nc, bad_js = make_shard(tmp_path / "f", 1, 3, n_draws=60, json_index=2)
+    with pytest.raises(ShardError, match="not of the same shard"):
+        combine_stage([ncs[0], bad_nc, ncs[2]], [jss[0], bad_js, jss[2]], out)
+    # different draw counts
+    short_nc, short_js = make_shard(tmp_path / "g", 1, 3, n_draws=40)
+    with pytest.raises(ShardError, match=r"different \(chains, draws\)"):
+        combine_stage([ncs[0], short_nc, ncs[2]], [jss[0], short_js, jss[2]], out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+# ---------------------------------------------------------------------------------------
+# The stage and its files
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cmc")
+    K = 4
+    ncs, jss = make_set(base / "shards", K, n_chains=2, n_draws=400)
+    nlsq = base / "nlsq_parameters.json"
+    nlsq.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "analysis_mode": "static",
+                "parameters": {
+                    n: {"value": v, "uncertainty": STATIC_SD[n]} for n, v in STATIC_TRUTH.items()
+                },
+                "per_angle": [{}, {}],
+            }
+        )
+    )
+    out = base / "out"
+    outcome = combine_stage(ncs, jss, out, CombineSettings(), nlsq_parameters=nlsq)
+    return out, outcome, K
+
+
+def test_combine_stage_writes_every_file_with_documented_keys(good_run):
+    out, outcome, K = good_run
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+    params = _strict_json(out / "parameters.json")
+    assert params["method"] == "cmc" and params["analysis_mode"] == "static"
+    assert params["combination_method"] == "robust_consensus_mc"
+    assert list(params["parameters"]) == ["D0", "alpha", "D_offset"]
+    for entry in params["parameters"].values():
+        assert set(entry) == {
+            "mean", "std", "hdi_3%", "hdi_97%", "r_hat", "ess_bulk", "ess_tail", "unit"
+        }  # fmt: skip
+    assert params["parameters"]["D0"]["unit"] == "Å²/s"
+    assert len(params["per_angle"]) == 2 and "contrast" in params["per_angle"][0]
+    conv = params["convergence"]
+    assert {"status", "all_converged", "min_r_hat", "max_r_hat", "min_ess"} <= set(conv)
+    assert conv["all_converged"] is True
+    assert params["sampling_summary"]["num_shards"] == K
+    # combined posterior recovers the truth within its width
+    for n, v in STATIC_TRUTH.items():
+        e = params["parameters"][n]
+        assert abs(e["mean"] - v) < 5 * STATIC_SD[n]
+        assert e["std"] == pytest.approx(STATIC_SD[n], rel=0.2)
+        assert e["hdi_3%"] < e["mean"] < e["hdi_97%"]
+
+    analysis = _strict_json(out / "analysis_results_cmc.json")
+    q = analysis["sampling_quality"]
+    assert {"convergence_status", "quality_flag", "warnings", "recommendations"} <= set(q)
+    assert analysis["dataset_info"]["num_shards"] == K
+    assert analysis["dataset_info"]["total_data_points"] == sum(5000 + k for k in range(K))
+    cmp = analysis["nlsq_comparison"]["parameters"]
+    assert set(cmp) == set(STATIC_TRUTH)
+    assert all(abs(c["z_score"]) < 5 for c in cmp.values())
+    assert {"nlsq_value", "nlsq_uncertainty", "z_score"} <= set(cmp["D0"])
+
+    diag = _strict_json(out / "diagnostics.json")
+    assert {
+        "thresholds",
+        "per_parameter_diagnostics",
+        "sampling_efficiency",
+        "cmc_specific",
+    } <= set(diag)
+    assert diag["thresholds"]["r_hat_good"] == 1.05
+    names = [d["name"] for d in diag["per_parameter_diagnostics"]]
+    assert names == list(outcome.names)
+    assert names[3:] == ["contrast_0", "contrast_1", "offset_0", "offset_1"]
+    cmc = diag["cmc_specific"]
+    assert cmc["num_shards"] == K and cmc["combination_method"] == "robust_consensus_mc"
+    shard0 = cmc["shard_summary"][0]
+    for key in ("means", "std", "divergence_rate", "bfmi", "timings", "excluded", "reason"):
+        assert key in shard0
+    assert shard0["excluded"] is False and len(shard0["bfmi"]) == 2
+    assert diag["sampling_efficiency"]["divergences"] == 0
+
+    report = _strict_json(out / "combination_report.json")
+    assert report["kept_shards"] == list(range(K)) and report["excluded_shards"] == []
+    assert set(report["heterogeneity"]["per_parameter"]) == set(outcome.names)
+    assert report["heterogeneity"]["dof"] == K - 1
+    assert len(report["per_shard"]) == K
+
+
+def test_samples_npz_matches_the_seed_schema(good_run):
+    out, outcome, K = good_run
+    with np.load(out / "samples.npz", allow_pickle=False) as f:
+        data = {k: f[k] for k in f.files}
+    assert set(data) == {
+        "posterior_samples", "param_names", "r_hat", "ess_bulk", "ess_tail", "divergences",
+        "analysis_mode", "n_phi", "n_chains", "n_samples", "schema_version",
+    }  # fmt: skip
+    p = len(outcome.names)
+    assert data["posterior_samples"].shape == (2, 400, p)
+    assert data["posterior_samples"].dtype == np.float64
+    assert data["param_names"].tolist() == list(outcome.names)
+    for key in ("r_hat", "ess_bulk", "ess_tail"):
+        assert data[key].shape == (p,)
+    for key in ("divergences", "analysis_mode", "n_phi", "n_chains", "n_samples"):
+        assert data[key].shape == (1,), key
+    assert data["analysis_mode"][0] == "static"
+    assert (data["n_phi"][0], data["n_chains"][0], data["n_samples"][0]) == (2, 2, 400)
+    assert data["schema_version"].tolist() == [1, 0]
+
+    post = az.from_netcdf(out / "posterior.nc").posterior
+    assert set(post.data_vars) == {"D0", "alpha", "D_offset", "contrast", "offset"}
+    assert post["contrast"].shape == (2, 400, 2)
+    np.testing.assert_allclose(post["D0"].values, data["posterior_samples"][..., 0])
+
+
+def test_outlier_and_divergent_shards_are_excluded_and_reported(tmp_path):
+    K = 6
+    ncs, jss = make_set(
+        tmp_path / "s",
+        K,
+        n_draws=150,
+        per_shard={1: {"shift": {"D0": 40 * STATIC_SD["D0"]}}, 4: {"divergence_rate": 0.3}},
+    )
+    out = tmp_path / "out"
+    outcome = combine_stage(ncs, jss, out)
+    assert outcome.kept == [0, 2, 3, 5]
+    report = _strict_json(out / "combination_report.json")
+    by = {e["shard"]: e["excluded_by"] for e in report["excluded_shards"]}
+    assert by == {1: "robust_mad", 4: "divergence"}
+    analysis = _strict_json(out / "analysis_results_cmc.json")
+    recs = " ".join(analysis["sampling_quality"]["recommendations"])
+    assert "check shard heterogeneity: shards [1, 4] excluded" in recs
+    diag = _strict_json(out / "diagnostics.json")
+    summ = {s["shard"]: s for s in diag["cmc_specific"]["shard_summary"]}
+    assert summ[4]["excluded"] and "divergence rate" in summ[4]["reason"]
+    assert summ[1]["excluded"] and "D0" in summ[1]["reason"]
+
+    # plain consensus keeps the outlier (only the divergence filter applies)
+    outcome2 = combine_stage(ncs, jss, tmp_path / "out2", CombineSettings(method="consensus_mc"))
+    assert outcome2.kept == [0, 1, 2, 3, 5]
+    het = _strict_json(tmp_path / "out2" / "combination_report.json")["heterogeneity"]
+    assert "D0" in het["heterogeneous_parameters"] and het["detected"]
+
+
+def test_stuck_chains_are_poor_and_not_converged(tmp_path):
+    ncs, jss = make_set(tmp_path / "s", 3, n_draws=150, stuck=True, n_angles=0)
+    out = tmp_path / "out"
+    outcome = combine_stage(ncs, jss, out)
+    assert outcome.status == "not_converged"
+    params = _strict_json(out / "parameters.json")
+    assert params["per_angle"] is None
+    assert params["parameters"]["D0"]["r_hat"] > 1.1
+    assert params["convergence"]["status"] == "not_converged"
+    assert params["convergence"]["all_converged"] is False
+    diag = _strict_json(out / "diagnostics.json")
+    assert all(d["quality"] == "poor" for d in diag["per_parameter_diagnostics"])
+    q = _strict_json(out / "analysis_results_cmc.json")["sampling_quality"]
+    assert "NOT CONVERGED" in q["summary"]
+    assert any("increase num_warmup" in r for r in q["recommendations"])
+    with np.load(out / "samples.npz", allow_pickle=False) as f:
+        assert f["n_phi"][0] == -1  # not known without sampled scaling or NLSQ
+
+
+def test_single_chain_writes_null_r_hat_not_nan(tmp_path):
+    ncs, jss = make_set(tmp_path / "s", 2, n_chains=1, n_draws=100, n_angles=1)
+    out = tmp_path / "out"
+    outcome = combine_stage(ncs, jss, out, CombineSettings(method="simple_average"))
+    params = _strict_json(out / "parameters.json")  # strict parse: no NaN tokens
+    assert params["parameters"]["D0"]["r_hat"] is None
+    assert outcome.status == "not_converged"
+    assert "undefined" in " ".join(outcome.quality["warnings"])
+
+
+def test_failures_write_nothing(tmp_path):
+    ncs, jss = make_set(tmp_path / "s", 2, n_draws=60)
+    out = tmp_path / "out"
+    bad = tmp_path / "nlsq.json"
+    bad.write_text('{"analysis_mode": "laminar_flow", "parameters": {"D0": {"value": NaN}}}')
+    with pytest.raises(DataError):
+        combine_stage(ncs, jss, out, nlsq_parameters=bad)
+    bad.write_text('{"analysis_mode": "laminar_flow", "parameters": {}}')
+    with pytest.raises(DataError, match="differs from the shards"):
+        combine_stage(ncs, jss, out, nlsq_parameters=bad)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_derived_per_angle_scaling_is_combined_per_component(tmp_path):
+    # varpro-like shards: contrast/offset are deterministics, their joint covariance with
+    # the physical parameters is singular; the stage combines them per component
+    ncs, jss = make_set(tmp_path / "s", 3, n_draws=150, n_angles=4, derived=True)
+    out = tmp_path / "out"
+    outcome = combine_stage(ncs, jss, out)
+    assert outcome.names[3:] == tuple(
+        [f"contrast_{a}" for a in range(4)] + [f"offset_{a}" for a in range(4)]
+    )
+    report = _strict_json(out / "combination_report.json")
+    assert report["jointly_combined"] == ["D0", "alpha", "D_offset"]
+    assert len(report["combined_per_component"]) == 8
+    params = _strict_json(out / "parameters.json")
+    assert len(params["per_angle"]) == 4 and params["per_angle"][0]["derived"] is True
+    assert params["per_angle"][2]["contrast"]["mean"] == pytest.approx(0.32, abs=1e-3)
+    with pytest.raises(ShardError, match="singular"):  # why: no joint precision exists
+        consensus_mc([sh.draws for sh in read_shards(ncs, jss)])
