@@ -12,6 +12,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/nlsq.smk"
+include: "workflow/rules/cmc.smk"
 
 
 rule all:
@@ -19,3 +20,4 @@ rule all:
     input:
         expand("results/{dataset}/data/qc_report.json", dataset=DATASETS),
         expand("results/{dataset}/nlsq/parameters.json", dataset=DATASETS),
+        expand("results/{dataset}/cmc/parameters.json", dataset=DATASETS),

@@ -57,10 +57,14 @@ def test_default_config_is_valid():
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda c: c["preprocess"]["diagonal_correction"].update(methd="basic"),
-         "preprocess.diagonal_correction.methd: unknown key"),
-        (lambda c: c["datasets"]["demo"].update(L="2.0e6"),
-         "datasets.demo.L: '2.0e6' is not of type 'number'"),
+        (
+            lambda c: c["preprocess"]["diagonal_correction"].update(methd="basic"),
+            "preprocess.diagonal_correction.methd: unknown key",
+        ),
+        (
+            lambda c: c["datasets"]["demo"].update(L="2.0e6"),
+            "datasets.demo.L: '2.0e6' is not of type 'number'",
+        ),
         (lambda c: c["datasets"]["demo"].update(qq=1.0), "datasets.demo.qq: unknown key"),
         (lambda c: c["datasets"]["demo"].pop("L"), "datasets.demo: 'L' is a required property"),
         (lambda c: c.update(filtr={}), "filtr: unknown key"),
@@ -68,7 +72,7 @@ def test_default_config_is_valid():
         (lambda c: c["qc"].update(on_fail="ignore"), "qc.on_fail: 'ignore' is not one of"),
         (lambda c: c["datasets"]["demo"]["frames"].update(start=0), "datasets.demo.frames.start"),
     ],
-)  # fmt: skip
+)
 def test_config_errors_name_the_key(edit, message):
     config = copy.deepcopy(CONFIG)
     edit(config)
@@ -91,7 +95,17 @@ def test_stage_slices_are_canonical_and_minimal():
 
 
 def test_code_fingerprints_name_the_version_and_differ_by_stage():
-    stages = ("simulate", "load", "filter", "preprocess", "qc", "nlsq")
+    stages = (
+        "simulate",
+        "load",
+        "filter",
+        "preprocess",
+        "qc",
+        "nlsq",
+        "cmc_plan",
+        "cmc_shard",
+        "cmc_combine",
+    )
     prints = {s: code_fingerprint(s) for s in stages}
     assert len(set(prints.values())) == len(prints)
     assert all("+" in p for p in prints.values())
@@ -127,14 +141,41 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
     done = snakemake(cwd)
     assert done.returncode == 0, done.stdout + done.stderr
     data = cwd / "results" / "demo" / "data"
-    for name in ("loaded.npz", "loaded.json", "filtered.npz", "filter_report.json",
-                 "preprocessed.npz", "provenance.json", "qc_report.json", "qc.npz"):  # fmt: skip
+    for name in (
+        "loaded.npz",
+        "loaded.json",
+        "filtered.npz",
+        "filter_report.json",
+        "preprocessed.npz",
+        "provenance.json",
+        "qc_report.json",
+        "qc.npz",
+    ):
         assert (data / name).is_file(), name
     assert (cwd / "resources" / "demo" / "truth.json").is_file()
     assert json.loads((data / "qc_report.json").read_text())["overall"]["status"] != "fail"
     assert json.loads((data / "loaded.json").read_text())["source"]["format"] == "aps_u"
-    for stage in ("simulate", "load", "filter", "preprocess", "qc", "nlsq"):
+    for stage in (
+        "simulate",
+        "load",
+        "filter",
+        "preprocess",
+        "qc",
+        "nlsq",
+        "cmc_plan",
+        "cmc_combine",
+    ):
         assert (cwd / "logs" / "demo" / f"{stage}.log").is_file()
+    for name in (
+        "parameters.json",
+        "analysis_results_cmc.json",
+        "diagnostics.json",
+        "samples.npz",
+        "posterior.nc",
+        "fitted_data.npz",
+        "combination_report.json",
+    ):
+        assert (cwd / "results" / "demo" / "cmc" / name).is_file(), name
     fit = json.loads((cwd / "results" / "demo" / "nlsq" / "parameters.json").read_text())
     truth = json.loads((cwd / "resources" / "demo" / "truth.json").read_text())
     assert fit["convergence"]["converged"] and 0.9 < fit["reduced_chi_squared"] < 1.1
@@ -150,20 +191,56 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
 
     assert with_edit(lambda c: None) == {}  # key order and formatting do not matter
     statistical = {"method": "statistical"}
-    downstream = {"nlsq": 1, "all": 1}
+    k = json.loads((cwd / "results" / "demo" / "cmc" / "plan.json").read_text())["num_shards"]
+    # Downstream of the data: NLSQ and the CMC plan rerun; the shard jobs appear once the
+    # re-run plan says how many there are (checkpoint), so a dry run lists the combine.
+    downstream = {"nlsq": 1, "cmc_plan": 1, "cmc_combine": 1, "all": 1}
+    after_nlsq = {"nlsq": 1, "cmc_shard": k, "cmc_combine": 1, "all": 1}
+    statistical = {"method": "statistical"}
     assert with_edit(lambda c: c["preprocess"]["diagonal_correction"].update(statistical)) == {
-        "preprocess": 1, "qc": 1, **downstream
-    }  # fmt: skip
+        "preprocess": 1,
+        "qc": 1,
+        **downstream,
+    }
     assert with_edit(lambda c: c["qc"].update(g2_ceiling=2.5)) == {"qc": 1, **downstream}
+    # per_angle_scaling sets the sampled-parameter count, which the plan's sizing uses
     assert with_edit(lambda c: c["nlsq"].update(per_angle_scaling="individual")) == downstream
-    assert with_edit(lambda c: c["parameters"].update(D0={"bounds": [50.0, 2e5]})) == downstream
+    assert with_edit(lambda c: c["nlsq"]["solver"].update(max_iterations=90)) == after_nlsq
+    assert with_edit(lambda c: c["parameters"].update(D0={"bounds": [50.0, 2e5]})) == after_nlsq
+    assert with_edit(lambda c: c["datasets"]["demo"].update(L=2.5e6)) == after_nlsq
+    # Editing only CMC settings reruns only CMC rules.
+    assert with_edit(lambda c: c["cmc"]["sampler"].update(seed=3)) == {
+        "cmc_shard": k,
+        "cmc_combine": 1,
+        "all": 1,
+    }
+    assert with_edit(lambda c: c["cmc"]["combine"].update(method="consensus_mc")) == {
+        "cmc_combine": 1,
+        "all": 1,
+    }
+    assert with_edit(lambda c: c["cmc"]["sharding"].update(seed=5)) == {
+        "cmc_plan": 1,
+        "cmc_combine": 1,
+        "all": 1,
+    }
     assert with_edit(lambda c: c["filter"].update(phi_ranges=[[-40, 100]])) == {
-        "filter": 1, "preprocess": 1, "qc": 1, **downstream
-    }  # fmt: skip
+        "filter": 1,
+        "preprocess": 1,
+        "qc": 1,
+        **downstream,
+    }
     assert with_edit(lambda c: c["datasets"]["demo"].update(q_tolerance=0.05)) == {
-        "load": 1, "filter": 1, "preprocess": 1, "qc": 1, **downstream
-    }  # fmt: skip
-    assert with_edit(lambda c: c["datasets"]["demo"].update(L=2.5e6)) == downstream
+        "load": 1,
+        "filter": 1,
+        "preprocess": 1,
+        "qc": 1,
+        **downstream,
+    }
     assert with_edit(lambda c: c["simulate"]["demo"].update(seed=2)) == {
-        "simulate": 1, "load": 1, "filter": 1, "preprocess": 1, "qc": 1, **downstream
-    }  # fmt: skip
+        "simulate": 1,
+        "load": 1,
+        "filter": 1,
+        "preprocess": 1,
+        "qc": 1,
+        **downstream,
+    }

@@ -124,7 +124,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         help="all simulation settings as a JSON object (what the workflow passes); "
         "replaces the options above except --out, --truth and --format",
     )
-    p.set_defaults(func=_run_simulate)  # fmt: skip
+    p.set_defaults(func=_run_simulate)
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -212,10 +212,12 @@ def _add_data_stages(sub: argparse._SubParsersAction) -> None:
         {"out-npz": "preprocessed.npz to write", "out-json": "provenance.json to write"},
     ).set_defaults(func=_run_preprocess)
     _stage_parser(
-        sub, "qc", "score the data at four checkpoints, repair what can be repaired",
+        sub,
+        "qc",
+        "score the data at four checkpoints, repair what can be repaired",
         {"raw": "loaded.npz", "filtered": "filtered.npz", "preprocessed": "preprocessed.npz"},
         {"out-json": "qc_report.json to write", "out-npz": "QC'd data to write"},
-    ).set_defaults(func=_run_qc)  # fmt: skip
+    ).set_defaults(func=_run_qc)
     p = sub.add_parser(
         "nlsq",
         help="bounded least-squares fit of the model to QC'd data",
@@ -233,6 +235,7 @@ def _add_data_stages(sub: argparse._SubParsersAction) -> None:
         "and nlsq (the stage's settings)",
     )
     p.set_defaults(func=_run_nlsq)
+    _add_cmc_stages(sub)
 
 
 def _run_load(args: argparse.Namespace) -> int:
@@ -246,11 +249,16 @@ def _run_load(args: argparse.Namespace) -> int:
     frames = s.get("frames") or {}
     check_keys(frames, {"start", "end"}, "load.frames")
     data = load_stage(
-        args.input, s["q"], args.out_npz, args.out_json,
-        start_frame=frames.get("start", 1), end_frame=frames.get("end", -1),
-        dt=s.get("dt"), q_tolerance=s.get("q_tolerance", 0.1),
+        args.input,
+        s["q"],
+        args.out_npz,
+        args.out_json,
+        start_frame=frames.get("start", 1),
+        end_frame=frames.get("end", -1),
+        dt=s.get("dt"),
+        q_tolerance=s.get("q_tolerance", 0.1),
         storage=s.get("storage", "upper"),
-    )  # fmt: skip
+    )
     print(f"loaded {data.n_phi} angles x {data.n_t} frames at q = {data.q:.6g} 1/Å")
     return 0
 
@@ -320,6 +328,126 @@ def _run_nlsq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cmc_stages(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cmc-plan", help="CMC: decide the shards and which points each holds")
+    p.add_argument("--input", required=True, help="QC'd data (qc.npz)")
+    p.add_argument("--out-json", required=True, help="plan.json (decisions and reasons)")
+    p.add_argument("--out-npz", required=True, help="plan.npz (point ids of every shard)")
+    p.add_argument(
+        "--settings",
+        default="{}",
+        metavar="JSON",
+        help="JSON with analysis_mode, per_angle_scaling and sharding",
+    )
+    p.set_defaults(func=_run_cmc_plan)
+    p = sub.add_parser("cmc-shard", help="CMC: NUTS on one shard")
+    p.add_argument("--input", required=True, help="QC'd data (qc.npz)")
+    p.add_argument("--plan", required=True, help="plan.npz")
+    p.add_argument("--nlsq-dir", required=True, help="the dataset's NLSQ output directory")
+    p.add_argument("--shard", required=True, type=int, help="shard index (0-based)")
+    p.add_argument("--out-nc", required=True, help="InferenceData (netCDF) to write")
+    p.add_argument("--out-json", required=True, help="shard record to write")
+    p.add_argument(
+        "--settings",
+        default="{}",
+        metavar="JSON",
+        help="JSON with analysis_mode, L, parameters, sampler, prior",
+    )
+    p.set_defaults(func=_run_cmc_shard)
+    p = sub.add_parser("cmc-combine", help="CMC: combine shard posteriors, diagnose, write")
+    p.add_argument("--input", required=True, help="QC'd data (qc.npz)")
+    p.add_argument("--shards", required=True, nargs="+", help="shard .nc files (records beside)")
+    p.add_argument("--nlsq-dir", required=True, help="the dataset's NLSQ output directory")
+    p.add_argument("--out-dir", required=True, help="directory for the CMC outputs")
+    p.add_argument(
+        "--settings", default="{}", metavar="JSON", help="JSON with analysis_mode, L and combine"
+    )
+    p.set_defaults(func=_run_cmc_combine)
+
+
+def _job_settings(text: str, stage: str, keys: set[str]) -> dict:
+    from homodyne_steps.registry import canonical_mode
+    from homodyne_steps.settings import check_keys, parse_settings_json
+
+    s = parse_settings_json(text, stage)
+    check_keys(s, keys, f"{stage} job")
+    if "analysis_mode" not in s:
+        raise HomodyneStepsError(f"{stage}: the dataset's analysis_mode is required")
+    if "L" in keys and s.get("L") is None:
+        if canonical_mode(s["analysis_mode"]) == "laminar_flow":
+            raise HomodyneStepsError(f"{stage}: laminar_flow needs the gap L (Å) of the dataset")
+        s["L"] = 1.0  # static mode never uses L
+    return s
+
+
+def _run_cmc_plan(args: argparse.Namespace) -> int:
+    from homodyne_steps.cmc_plan import ShardingSettings, cmc_plan_stage
+
+    s = _job_settings(args.settings, "cmc-plan", {"analysis_mode", "per_angle_scaling", "sharding"})
+    rec = cmc_plan_stage(
+        args.input,
+        args.out_json,
+        args.out_npz,
+        mode=s["analysis_mode"],
+        scaling_mode=s.get("per_angle_scaling") or "varpro",
+        settings=ShardingSettings.from_mapping(s.get("sharding")),
+    )
+    print(f"{rec['num_shards']} shards: {rec['decisions'][0]['reason']}")
+    return 0
+
+
+def _run_cmc_shard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from homodyne_steps.cmc_shard import PriorSettings, SamplerSettings, cmc_shard_stage
+
+    s = _job_settings(
+        args.settings, "cmc-shard", {"analysis_mode", "L", "parameters", "sampler", "prior"}
+    )
+    nlsq_dir = Path(args.nlsq_dir)
+    rec = cmc_shard_stage(
+        args.input,
+        args.plan,
+        nlsq_dir / "parameters.json",
+        nlsq_dir / "fitted_data.npz",
+        args.shard,
+        args.out_nc,
+        args.out_json,
+        mode=s["analysis_mode"],
+        L=s["L"],
+        sampler=SamplerSettings.from_mapping(s.get("sampler")),
+        prior=PriorSettings.from_mapping(s.get("prior")),
+        parameter_overrides=s.get("parameters"),
+    )
+    t = rec["timings"]
+    print(
+        f"shard {args.shard}: {rec['n_points']} points, {rec['divergences']} divergences, "
+        f"compile+warmup {t['compile_and_warmup_s']:.1f} s, sampling {t['sampling_s']:.1f} s"
+    )
+    return 0
+
+
+def _run_cmc_combine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from homodyne_steps.cmc_combine import CombineSettings, combine_stage
+    from homodyne_steps.cmc_fitted import write_cmc_fitted_data
+
+    s = _job_settings(args.settings, "cmc-combine", {"analysis_mode", "L", "combine"})
+    nlsq_dir = Path(args.nlsq_dir)
+    shards = [Path(p) for p in args.shards]
+    out = combine_stage(
+        shards,
+        [p.with_suffix(".json") for p in shards],
+        args.out_dir,
+        CombineSettings.from_mapping(s.get("combine")),
+        nlsq_parameters=nlsq_dir / "parameters.json",
+    )
+    write_cmc_fitted_data(Path(args.out_dir), args.input, nlsq_dir, s["analysis_mode"], s["L"])
+    print(f"CMC {out.status}: {len(out.kept)} shards kept, {len(out.excluded)} excluded")
+    return 0
+
+
 def _add_params(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="print the parameter registry")
     p.add_argument("--format", choices=["markdown", "json"], default="markdown")
@@ -337,19 +465,51 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
+_CORE_LOCKS: list = []  # held open for the process lifetime
+
+
 def pin_threads(n: int) -> None:
     """Restrict this process to ``n`` of its allowed CPUs (before JAX is imported).
 
     Snakemake does not pin local jobs, and XLA's CPU pool follows the affinity mask at
     backend start: without this, two concurrent JAX jobs would each use every core.
+    Concurrent jobs must also get *different* cores, so each core is claimed with an
+    exclusive lock file (released when the process exits, however it exits); if too few
+    are free (oversubscription), the remaining cores are taken by rotation.
     """
+    import fcntl
     import os
+    import tempfile
 
     if n < 1:
         raise SystemExit("homodyne-steps: --threads must be >= 1")
-    if hasattr(os, "sched_setaffinity"):
-        allowed = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, allowed[: min(n, len(allowed))])
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    if n >= len(allowed):
+        return
+    lock_dir = os.path.join(tempfile.gettempdir(), f"homodyne-steps-cores-{os.getuid()}")
+    os.makedirs(lock_dir, exist_ok=True)
+    start = os.getpid() % len(allowed)
+    order = allowed[start:] + allowed[:start]
+    chosen: list[int] = []
+    for cpu in order:
+        if len(chosen) == n:
+            break
+        fh = open(os.path.join(lock_dir, f"cpu{cpu}.lock"), "w")  # noqa: SIM115
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            continue
+        _CORE_LOCKS.append(fh)
+        chosen.append(cpu)
+    for cpu in order:  # oversubscribed: share cores rather than wait
+        if len(chosen) == n:
+            break
+        if cpu not in chosen:
+            chosen.append(cpu)
+    os.sched_setaffinity(0, chosen)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,8 +45,9 @@ class ShardingSettings:
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any] | None, where: str = "cmc.sharding"):
         m = dict(m or {})
-        check_keys(m, {"num_shards", "max_points_per_shard", "min_points_per_parameter",
-                       "seed"}, where)  # fmt: skip
+        check_keys(
+            m, {"num_shards", "max_points_per_shard", "min_points_per_parameter", "seed"}, where
+        )
         num = m.get("num_shards", "auto")
         if num != "auto" and (not isinstance(num, int) or isinstance(num, bool) or num < 1):
             raise ConfigError(
@@ -55,10 +56,11 @@ class ShardingSettings:
         return cls(
             num_shards=num,
             max_points_per_shard=get_int(m, "max_points_per_shard", 50_000, where, minimum=100),
-            min_points_per_parameter=get_int(m, "min_points_per_parameter", 2_000, where,
-                                             minimum=1),
+            min_points_per_parameter=get_int(
+                m, "min_points_per_parameter", 2_000, where, minimum=1
+            ),
             seed=get_int(m, "seed", 0, where, minimum=0),
-        )  # fmt: skip
+        )
 
 
 def sampled_parameter_count(mode: str, scaling_mode: str, n_phi: int) -> int:
@@ -72,21 +74,29 @@ def choose_num_shards(n_points: int, n_params: int, s: ShardingSettings) -> tupl
     decisions = []
     if s.num_shards != "auto":
         k = min(int(s.num_shards), n_points)
-        decisions.append({"decision": "num_shards", "value": k,
-                          "reason": "set in the config (cmc.sharding.num_shards)"})  # fmt: skip
+        decisions.append(
+            {
+                "decision": "num_shards",
+                "value": k,
+                "reason": "set in the config (cmc.sharding.num_shards)",
+            }
+        )
         return k, decisions
     by_size = max(1, -(-n_points // s.max_points_per_shard))
     by_info = max(1, n_points // (s.min_points_per_parameter * n_params))
     k = min(by_size, by_info)
-    decisions.append({
-        "decision": "num_shards", "value": k,
-        "reason": (
-            f"by size: ceil({n_points} points / max_points_per_shard "
-            f"{s.max_points_per_shard}) = {by_size}; by information: {n_points} points / "
-            f"(min_points_per_parameter {s.min_points_per_parameter} x {n_params} sampled "
-            f"parameters) allows at most {by_info}; the smaller wins"
-        ),
-    })  # fmt: skip
+    decisions.append(
+        {
+            "decision": "num_shards",
+            "value": k,
+            "reason": (
+                f"by size: ceil({n_points} points / max_points_per_shard "
+                f"{s.max_points_per_shard}) = {by_size}; by information: {n_points} points / "
+                f"(min_points_per_parameter {s.min_points_per_parameter} x {n_params} sampled "
+                f"parameters) allows at most {by_info}; the smaller wins"
+            ),
+        }
+    )
     return k, decisions
 
 
@@ -109,14 +119,17 @@ def cmc_plan_stage(
     t0 = time.perf_counter()
     plan = stratified_plan(angle, -(-n_points // k), seed=settings.seed)
     diag = diagnose(plan, angle, 1e3 * (time.perf_counter() - t0)).to_dict()
-    decisions.append({
-        "decision": "assignment", "value": "angle-stratified, random within angle",
-        "reason": (
-            "every shard holds every angle in proportion and spans all lags, so each shard "
-            "constrains every parameter; the within-angle shuffle (seed "
-            f"{settings.seed}) keeps shards statistically alike"
-        ),
-    })  # fmt: skip
+    decisions.append(
+        {
+            "decision": "assignment",
+            "value": "angle-stratified, random within angle",
+            "reason": (
+                "every shard holds every angle in proportion and spans all lags, so each shard "
+                "constrains every parameter; the within-angle shuffle (seed "
+                f"{settings.seed}) keeps shards statistically alike"
+            ),
+        }
+    )
     indices = plan.indices.astype(np.int32 if n_points < 2**31 - 1 else np.int64)
     write_npz(out_npz, indices=indices, n_points=np.int64(n_points))
     record = {

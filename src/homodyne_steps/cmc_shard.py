@@ -41,7 +41,7 @@ from homodyne_steps._jax import jax, jnp
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.model import make_grid
-from homodyne_steps.nlsq import _accumulate, angle_blocks, make_fit_data
+from homodyne_steps.nlsq import angle_blocks, block_stats, gather_points, make_fit_data
 from homodyne_steps.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.scaling import build_map, quantile_estimates
 from homodyne_steps.serialise import atomic_path, read_json, read_npz, write_json
@@ -69,15 +69,23 @@ class SamplerSettings:
             num_warmup=get_int(m, "num_warmup", d.num_warmup, where, minimum=10),
             num_samples=get_int(m, "num_samples", d.num_samples, where, minimum=10),
             num_chains=get_int(m, "num_chains", d.num_chains, where, minimum=1),
-            target_accept=get_number(m, "target_accept", d.target_accept, where,
-                                     minimum=0.0, exclusive_minimum=True, maximum=0.999),
+            target_accept=get_number(
+                m,
+                "target_accept",
+                d.target_accept,
+                where,
+                minimum=0.0,
+                exclusive_minimum=True,
+                maximum=0.999,
+            ),
             max_tree_depth=get_int(m, "max_tree_depth", d.max_tree_depth, where, minimum=1),
             dense_mass=get_bool(m, "dense_mass", d.dense_mass, where),
             seed=get_int(m, "seed", d.seed, where, minimum=0),
-            reparameterize=get_choice(m, "reparameterize", d.reparameterize,
-                                      ("none", "log_reference"), where),
+            reparameterize=get_choice(
+                m, "reparameterize", d.reparameterize, ("none", "log_reference"), where
+            ),
             adapt_mass_matrix=get_bool(m, "adapt_mass_matrix", d.adapt_mass_matrix, where),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -92,10 +100,9 @@ class PriorSettings:
         check_keys(m, {"type", "nlsq_width", "tempering"}, where)
         return cls(
             type=get_choice(m, "type", "registry", ("registry", "nlsq"), where),
-            nlsq_width=get_number(m, "nlsq_width", 5.0, where, minimum=0.0,
-                                  exclusive_minimum=True),
+            nlsq_width=get_number(m, "nlsq_width", 5.0, where, minimum=0.0, exclusive_minimum=True),
             tempering=get_bool(m, "tempering", True, where),
-        )  # fmt: skip
+        )
 
 
 @dataclass
@@ -121,6 +128,7 @@ class ShardInputs:
     upper: np.ndarray
     log_t_ref: float
     num_shards: int
+    points: tuple = ()  # (i, j, a, d, w) of the shard's blocks: constant over the sampling
     nlsq_covariance: np.ndarray | None = None  # physical parameters, full data
 
 
@@ -148,8 +156,9 @@ def _model(inp: ShardInputs, prior: PriorSettings, reparam: str):
     values = []
     with numpyro.handlers.scale(scale=temper):
         for k, name in enumerate(inp.names):
-            d = dist.TruncatedNormal(inp.prior_mu[k], inp.prior_sigma[k], low=inp.lower[k],
-                                     high=inp.upper[k])  # fmt: skip
+            d = dist.TruncatedNormal(
+                inp.prior_mu[k], inp.prior_sigma[k], low=inp.lower[k], high=inp.upper[k]
+            )
             partner = {"D0": "alpha", "gamma_dot_t0": "beta"}.get(name)
             if reparam == "log_reference" and partner in inp.names:
                 values.append(None)  # filled after the partner exponent is known
@@ -160,11 +169,13 @@ def _model(inp: ShardInputs, prior: PriorSettings, reparam: str):
                 if values[k] is not None:
                     continue
                 exponent = values[inp.names.index({"D0": "alpha", "gamma_dot_t0": "beta"}[name])]
-                u = numpyro.sample(f"log_{name}_ref", dist.ImproperUniform(
-                    dist.constraints.real, (), ()))  # fmt: skip
+                u = numpyro.sample(
+                    f"log_{name}_ref", dist.ImproperUniform(dist.constraints.real, (), ())
+                )
                 x = jnp.exp(u - exponent * inp.log_t_ref)
-                d = dist.TruncatedNormal(inp.prior_mu[k], inp.prior_sigma[k],
-                                         low=inp.lower[k], high=inp.upper[k])  # fmt: skip
+                d = dist.TruncatedNormal(
+                    inp.prior_mu[k], inp.prior_sigma[k], low=inp.lower[k], high=inp.upper[k]
+                )
                 # prior density of x, and |dx/du| = x for the change of variables
                 numpyro.factor(f"prior_{name}", d.log_prob(x) + jnp.log(x))
                 values[k] = numpyro.deterministic(name, x)
@@ -172,8 +183,7 @@ def _model(inp: ShardInputs, prior: PriorSettings, reparam: str):
         if inp.scaling_mode not in ("varpro", "constant") and inp.scaling_matrix.shape[1]:
             psi = _sample_scaling(inp)
     physical = jnp.stack(values)
-    st = _accumulate(physical, inp.grid, inp.data, inp.blocks, False)
-    s_gg, s_g, s_1, s_gd, s_d, s_dd = st[:6]
+    s_gg, s_g, s_1, s_gd, s_d, s_dd = block_stats(physical, inp.grid, *inp.points, False)
     if inp.scaling_mode == "varpro":
         det = s_gg * s_1 - s_g**2
         c = (s_1 * s_gd - s_g * s_d) / det
@@ -212,7 +222,7 @@ def _sample_scaling(inp: ShardInputs):
                 os_.prior_mu, os_.prior_sigma, low=os_.lower, high=os_.upper
             ).expand([inp.n_phi]),
         )
-        return jnp.concatenate([c, o])  # fmt: skip
+        return jnp.concatenate([c, o])
     if inp.scaling_mode == "auto":
         cs, os_ = reg["contrast"], reg["offset"]
         c = numpyro.sample(
@@ -223,7 +233,7 @@ def _sample_scaling(inp: ShardInputs):
             "offset_shared",
             dist.TruncatedNormal(os_.prior_mu, os_.prior_sigma, low=os_.lower, high=os_.upper),
         )
-        return jnp.stack([c, o])  # fmt: skip
+        return jnp.stack([c, o])
     # fourier: coefficients around the NLSQ-consistent start, weakly informative
     return numpyro.sample(
         "scaling_coefficients", dist.Normal(jnp.asarray(inp.init_psi), 1.0).to_event(1)
@@ -273,18 +283,31 @@ def prepare_shard(
     t = np.asarray(data.t1, dtype=np.float64)
     t_pos = t[t > 0]
     return ShardInputs(
-        mode=mode, names=names,
+        mode=mode,
+        names=names,
         grid=make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt),
-        data=fit_data, blocks=jnp.asarray(blocks), n_points=int(ids.size), n_phi=n_phi,
-        scaling_mode=scaling_mode, scaling_matrix=smap.matrix, scaling_fixed=smap.fixed,
+        data=fit_data,
+        blocks=jnp.asarray(blocks),
+        n_points=int(ids.size),
+        n_phi=n_phi,
+        scaling_mode=scaling_mode,
+        scaling_matrix=smap.matrix,
+        scaling_fixed=smap.fixed,
         scaling_names=smap.names,
-        init_physical={n: float(np.clip(nlsq_params["parameters"][n]["value"], lo[k], hi[k]))
-                       for k, n in enumerate(names)},
-        init_psi=psi0, prior_mu=mu, prior_sigma=sd, lower=lo, upper=hi,
+        init_physical={
+            n: float(np.clip(nlsq_params["parameters"][n]["value"], lo[k], hi[k]))
+            for k, n in enumerate(names)
+        },
+        init_psi=psi0,
+        prior_mu=mu,
+        prior_sigma=sd,
+        lower=lo,
+        upper=hi,
         log_t_ref=float(np.mean(np.log(t_pos))) if t_pos.size else 0.0,
         num_shards=num_shards,
         nlsq_covariance=nlsq_covariance,
-    )  # fmt: skip
+        points=tuple(gather_points(fit_data, jnp.asarray(blocks[0]))),
+    )
 
 
 def _init_values(inp: ShardInputs, reparam: str) -> dict[str, Any]:
@@ -316,8 +339,7 @@ def shard_laplace(inp: ShardInputs, registry: Registry = REGISTRY):
     from homodyne_steps.nlsq import Problem, SolverSettings, levenberg_marquardt
     from homodyne_steps.scaling import ScalingMap
 
-    smap = ScalingMap(inp.scaling_mode, inp.scaling_matrix, inp.scaling_fixed,
-                      inp.scaling_names)  # fmt: skip
+    smap = ScalingMap(inp.scaling_mode, inp.scaling_matrix, inp.scaling_fixed, inp.scaling_names)
     n_psi = 0 if smap.mode == "varpro" else smap.n_params
     c_b, o_b = registry["contrast"].bounds, registry["offset"].bounds
     if smap.mode in ("individual", "auto"):
@@ -328,8 +350,18 @@ def shard_laplace(inp: ShardInputs, registry: Registry = REGISTRY):
         s_lo, s_hi = np.full(n_psi, -np.inf), np.full(n_psi, np.inf)
     lower, upper = np.r_[inp.lower, s_lo[:n_psi]], np.r_[inp.upper, s_hi[:n_psi]]
     log_scale = np.r_[[registry[n].log_scale for n in inp.names], np.zeros(n_psi, bool)]
-    prob = Problem(inp.grid, inp.data, np.asarray(inp.blocks), inp.n_points, inp.n_phi, smap,
-                   lower, upper, np.zeros(lower.size, bool), log_scale)  # fmt: skip
+    prob = Problem(
+        inp.grid,
+        inp.data,
+        np.asarray(inp.blocks),
+        inp.n_points,
+        inp.n_phi,
+        smap,
+        lower,
+        upper,
+        np.zeros(lower.size, bool),
+        log_scale,
+    )
     theta0 = np.array([inp.init_physical[n] for n in inp.names])
     psi0 = np.clip(inp.init_psi, s_lo, s_hi) if n_psi else np.zeros(0)
     result = levenberg_marquardt(prob, theta0, psi0, SolverSettings(max_iterations=30))
@@ -388,16 +420,22 @@ def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, 
         # the NLSQ covariance already is that metric, so only the step size is tuned.
         adapt_mass_matrix=metric is None or sampler.adapt_mass_matrix,
     )
-    mcmc = MCMC(kernel, num_warmup=sampler.num_warmup, num_samples=sampler.num_samples,
-                num_chains=sampler.num_chains, chain_method="sequential",
-                progress_bar=False)  # fmt: skip
+    mcmc = MCMC(
+        kernel,
+        num_warmup=sampler.num_warmup,
+        num_samples=sampler.num_samples,
+        num_chains=sampler.num_chains,
+        chain_method="sequential",
+        progress_bar=False,
+    )
     key = jax.random.fold_in(jax.random.PRNGKey(sampler.seed), shard)
     t0 = time.perf_counter()
     mcmc.warmup(key, extra_fields=("diverging",), collect_warmup=False)
     t1 = time.perf_counter()
-    mcmc.run(mcmc.post_warmup_state.rng_key,
-             extra_fields=("diverging", "energy", "num_steps", "adapt_state.step_size",
-                           "accept_prob"))  # fmt: skip
+    mcmc.run(
+        mcmc.post_warmup_state.rng_key,
+        extra_fields=("diverging", "energy", "num_steps", "adapt_state.step_size", "accept_prob"),
+    )
     t2 = time.perf_counter()
     idata = az.from_numpyro(mcmc)
     extra = mcmc.get_extra_fields(group_by_chain=True)
@@ -474,26 +512,49 @@ def cmc_shard_stage(
         cov_rec = analysis.get("covariance") or {}
         if cov_rec.get("names") == list(registry.physical_names(mode)):
             cov = np.asarray(cov_rec["matrix"], dtype=np.float64)
-    inp = prepare_shard(data, plan, shard, nlsq_params, sigma_lag, mode=mode, L=L,
-                        prior=prior, registry=registry, nlsq_covariance=cov)  # fmt: skip
+    inp = prepare_shard(
+        data,
+        plan,
+        shard,
+        nlsq_params,
+        sigma_lag,
+        mode=mode,
+        L=L,
+        prior=prior,
+        registry=registry,
+        nlsq_covariance=cov,
+    )
     t_prep = time.perf_counter()
     idata, record = run_shard(inp, sampler, prior, shard)
-    idata.posterior.attrs.update({
-        "shard": shard, "num_shards": inp.num_shards, "n_points": inp.n_points,
-        "analysis_mode": inp.mode, "per_angle_scaling": inp.scaling_mode,
-        "prior_tempering": 1.0 / inp.num_shards if prior.tempering else 1.0,
-        "reparameterize": sampler.reparameterize,
-    })  # fmt: skip
+    idata.posterior.attrs.update(
+        {
+            "shard": shard,
+            "num_shards": inp.num_shards,
+            "n_points": inp.n_points,
+            "analysis_mode": inp.mode,
+            "per_angle_scaling": inp.scaling_mode,
+            "prior_tempering": 1.0 / inp.num_shards if prior.tempering else 1.0,
+            "reparameterize": sampler.reparameterize,
+        }
+    )
     for attr in ("shard", "num_shards"):
         idata.posterior.attrs[attr] = int(idata.posterior.attrs[attr])
     record = {
-        "shard": shard, "num_shards": inp.num_shards, "n_points": inp.n_points,
-        "seed": sampler.seed, "analysis_mode": inp.mode,
-        "per_angle_scaling": inp.scaling_mode, "parameters": list(inp.names),
-        "prior": {"type": prior.type, "tempering": prior.tempering,
-                  "mu": inp.prior_mu.tolist(), "sigma": inp.prior_sigma.tolist()},
+        "shard": shard,
+        "num_shards": inp.num_shards,
+        "n_points": inp.n_points,
+        "seed": sampler.seed,
+        "analysis_mode": inp.mode,
+        "per_angle_scaling": inp.scaling_mode,
+        "parameters": list(inp.names),
+        "prior": {
+            "type": prior.type,
+            "tempering": prior.tempering,
+            "mu": inp.prior_mu.tolist(),
+            "sigma": inp.prior_sigma.tolist(),
+        },
         **record,
-    }  # fmt: skip
+    }
     # Compilation happens inside the first warmup call; the warmup time includes it.
     record["timings"]["prepare_s"] = t_prep - t_start
     record["timings"]["compile_and_warmup_s"] = record["timings"].pop("warmup_s")
@@ -509,5 +570,11 @@ def _write_netcdf(idata, path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
-__all__ = ["SamplerSettings", "PriorSettings", "cmc_shard_stage", "prepare_shard", "run_shard",
-           "ConfigError"]  # fmt: skip
+__all__ = [
+    "SamplerSettings",
+    "PriorSettings",
+    "cmc_shard_stage",
+    "prepare_shard",
+    "run_shard",
+    "ConfigError",
+]

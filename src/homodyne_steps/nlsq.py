@@ -154,43 +154,51 @@ def angle_blocks(chunks: np.ndarray, angle: np.ndarray, n_phi: int) -> np.ndarra
     return out.reshape(n_chunks, n_phi, m)
 
 
+def gather_points(data: FitData, ids):
+    """(i, j, a, d, w) of point ids (any shape); padding and non-finite data get w = 0."""
+    n_pairs = data.pair_i.shape[0]
+    n_total = data.c2.shape[0] * n_pairs
+    valid = ids < n_total
+    ids = jnp.where(valid, ids, 0)
+    a, pair = ids // n_pairs, ids % n_pairs
+    i, j = data.pair_i[pair], data.pair_j[pair]
+    d_raw = data.c2[a, i, j]
+    ok = valid & jnp.isfinite(d_raw)
+    return i, j, a, jnp.where(ok, d_raw, 0.0), jnp.where(ok, data.weight_lag[a, j - i], 0.0)
+
+
+def block_stats(physical, grid: KernelGrid, i, j, a, d, w, with_jacobian: bool):
+    """Per-angle sums over (n_phi, m) blocks of points (row k = angle k).
+
+    The one place the fit's statistics are formed: the NLSQ pass and the CMC shard
+    likelihood both call it.
+    """
+    if with_jacobian:
+        g, h = g1_sq_and_jacobian(physical, grid, i, j, a)
+    else:
+        g = g1_sq(physical, grid, i, j, a)
+    w2 = w * w
+    out = [jnp.sum(w2 * g * g, 1), jnp.sum(w2 * g, 1), jnp.sum(w2, 1),
+           jnp.sum(w2 * g * d, 1), jnp.sum(w2 * d, 1), jnp.sum(w2 * d * d, 1)]  # fmt: skip
+    if with_jacobian:
+        hw = h * w[..., None]  # (n_phi, m, p)
+        out += [
+            jnp.einsum("amk,aml->akl", hw, hw),
+            jnp.einsum("amk,am->ak", hw, w * g),
+            jnp.einsum("amk,am->ak", hw, w),
+            jnp.einsum("amk,am->ak", hw, w * d),
+        ]
+    return tuple(out)
+
+
 @partial(jax.jit, static_argnames=("with_jacobian",))
 def _accumulate(physical, grid: KernelGrid, data: FitData, blocks, with_jacobian: bool):
     n_phi = blocks.shape[1]
     p = physical.shape[0]
-    n_pairs = data.pair_i.shape[0]
-    n_total = n_phi * n_pairs
 
     def body(carry, ids):  # ids: (n_phi, m) point ids; row k holds angle k's points
-        valid = ids < n_total
-        ids = jnp.where(valid, ids, 0)
-        a, pair = ids // n_pairs, ids % n_pairs
-        i, j = data.pair_i[pair], data.pair_j[pair]
-        d_raw = data.c2[a, i, j]
-        ok = valid & jnp.isfinite(d_raw)
-        d = jnp.where(ok, d_raw, 0.0)
-        w = jnp.where(ok, data.weight_lag[a, j - i], 0.0)
-        if with_jacobian:
-            g, h = g1_sq_and_jacobian(physical, grid, i, j, a)
-        else:
-            g = g1_sq(physical, grid, i, j, a)
-        w2 = w * w
-        out = [
-            jnp.sum(w2 * g * g, 1),
-            jnp.sum(w2 * g, 1),
-            jnp.sum(w2, 1),
-            jnp.sum(w2 * g * d, 1),
-            jnp.sum(w2 * d, 1),
-            jnp.sum(w2 * d * d, 1),
-        ]
-        if with_jacobian:
-            hw = h * w[..., None]  # (n_phi, m, p)
-            out += [
-                jnp.einsum("amk,aml->akl", hw, hw),
-                jnp.einsum("amk,am->ak", hw, w * g),
-                jnp.einsum("amk,am->ak", hw, w),
-                jnp.einsum("amk,am->ak", hw, w * d),
-            ]
+        i, j, a, d, w = gather_points(data, ids)
+        out = block_stats(physical, grid, i, j, a, d, w, with_jacobian)
         return tuple(c + o for c, o in zip(carry, out, strict=True)), None
 
     zeros = [jnp.zeros(n_phi)] * 6

@@ -601,35 +601,53 @@ def write_outputs(
             "homodyne_steps": __version__,
         },
     }
+    write_fitted_data(out_dir / "fitted_data.npz", data, L, r.physical, r.contrast, r.offset,
+                      out.sigma_lag)  # fmt: skip
+    write_json(out_dir / "analysis_results_nlsq.json", analysis)
+    write_json(out_dir / "convergence_metrics.json", convergence)
+    write_json(out_dir / "parameters.json", params)  # last: the workflow's sentinel
+
+
+def write_fitted_data(
+    path: str | os.PathLike[str],
+    data: XpcsData,
+    L: float,
+    physical: np.ndarray,
+    contrast: np.ndarray,
+    offset: np.ndarray,
+    sigma_lag: np.ndarray,
+) -> None:
+    """The model at ``physical`` with per-angle scaling, beside the data (seed §9 keys).
+
+    ``c2_theoretical_raw`` is g1² (contrast 1, offset 0); ``residuals_normalized`` uses
+    the fit's noise model σ(angle, lag). Large arrays are produced one at a time.
+    """
     grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt)
     ones = jnp.ones(data.n_phi)
-    c2_raw = np.asarray(c2_matrix(jnp.asarray(r.physical), ones, 0.0 * ones, grid))  # g1²
+    c2_raw = np.asarray(c2_matrix(jnp.asarray(physical), ones, 0.0 * ones, grid))  # g1²
     lag = np.abs(np.arange(data.n_t)[:, None] - np.arange(data.n_t)[None, :])
+    contrast, offset = np.asarray(contrast, float), np.asarray(offset, float)
 
     def scaled() -> np.ndarray:
-        return r.offset[:, None, None] + r.contrast[:, None, None] * c2_raw
+        return offset[:, None, None] + contrast[:, None, None] * c2_raw
 
     def normalized() -> np.ndarray:
-        return (data.c2_exp - scaled()) / out.sigma_lag[:, lag]
+        return (data.c2_exp - scaled()) / sigma_lag[:, lag]
 
-    # Large outputs are produced one at a time while the file is written (memory).
     write_npz(
-        out_dir / "fitted_data.npz",
+        path,
         phi_angles=data.phi_angles_list,
         c2_exp=data.c2_exp,
         c2_theoretical_raw=c2_raw,
         c2_theoretical_scaled=scaled,
-        per_angle_scaling=np.stack([r.contrast, r.offset], axis=1),
+        per_angle_scaling=np.stack([contrast, offset], axis=1),
         residuals=lambda: data.c2_exp - scaled(),
         residuals_normalized=normalized,
-        sigma_per_lag=out.sigma_lag,
+        sigma_per_lag=sigma_lag,
         t1=data.t1,
         t2=data.t2,
         q=np.array([data.q]),
     )
-    write_json(out_dir / "analysis_results_nlsq.json", analysis)
-    write_json(out_dir / "convergence_metrics.json", convergence)
-    write_json(out_dir / "parameters.json", params)  # last: the workflow's sentinel
 
 
 def nlsq_stage(

@@ -42,9 +42,33 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
         "serialise",
         "_jax",
     ),
+    "cmc_plan": ("cmc_plan", "stratify", "scaling", "registry", "dataset", "settings", "serialise"),
+    "cmc_shard": (
+        "cmc_shard",
+        "nlsq",
+        "model",
+        "scaling",
+        "registry",
+        "dataset",
+        "settings",
+        "serialise",
+        "_jax",
+    ),
+    "cmc_combine": (
+        "cmc_combine",
+        "cmc_fitted",
+        "nlsq_stage",
+        "nlsq",
+        "model",
+        "registry",
+        "dataset",
+        "settings",
+        "serialise",
+        "_jax",
+    ),
 }
 # Global sections a dataset may override key by key (deep merge).
-OVERRIDABLE = ("filter", "preprocess", "qc", "nlsq")
+OVERRIDABLE = ("filter", "preprocess", "qc", "nlsq", "cmc")
 LOAD_KEYS = ("q", "dt", "frames", "q_tolerance", "storage")
 
 
@@ -100,6 +124,28 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
         return dict(config.get("simulate", {}).get(dataset, {}))
     if stage == "load":
         return {k: entry[k] for k in LOAD_KEYS if k in entry}
+    if stage.startswith("cmc_"):
+        cmc = deep_merge(config.get("cmc") or {}, entry.get("cmc") or {})
+        nlsq = deep_merge(config.get("nlsq") or {}, entry.get("nlsq") or {})
+        common = {"analysis_mode": entry["analysis_mode"]}
+        if stage == "cmc_plan":
+            return {
+                **common,
+                "per_angle_scaling": nlsq.get("per_angle_scaling", "varpro"),
+                "sharding": cmc.get("sharding") or {},
+            }
+        if stage == "cmc_shard":
+            return {
+                **common,
+                "L": entry.get("L"),
+                "parameters": config.get("parameters") or {},
+                "sampler": cmc.get("sampler") or {},
+                "prior": cmc.get("prior") or {},
+            }
+        if stage == "cmc_combine":
+            return {**common, "L": entry.get("L"), "combine": cmc.get("combine") or {}}
+        if stage == "cmc_resources":
+            return dict(cmc.get("resources") or {})
     merged = deep_merge(config.get(stage) or {}, entry.get(stage) or {})
     if stage == "nlsq":
         return {

@@ -1,11 +1,13 @@
 # Shared setup: config validation and the per-rule config slices.
 # Only light package modules are imported here (no JAX): the workflow parses fast.
+import json
 import re
 
 from homodyne_steps.wfconfig import (
     code_fingerprint,
     dataset_names,
     stage_settings,
+    stage_slice,
     validate_config,
 )
 
@@ -31,3 +33,22 @@ def dataset_file(wildcards):
 def settings_of(stage):
     """Params function: the JSON slice of the config that one stage of a dataset sees."""
     return lambda wildcards: stage_settings(config, stage, wildcards.dataset)
+
+
+def cmc_resource(name, default):
+    return lambda wildcards: stage_slice(config, "cmc_resources", wildcards.dataset).get(
+        name, default
+    )
+
+
+def cmc_shard_files(wildcards, ext="nc"):
+    plan = checkpoints.cmc_plan.get(dataset=wildcards.dataset).output.plan
+    with open(plan, encoding="utf-8") as fh:
+        n = json.load(fh)["num_shards"]
+    return expand(
+        "results/{dataset}/cmc/K{n}/shards/{k}.{ext}",
+        dataset=wildcards.dataset,
+        n=n,
+        k=range(n),
+        ext=ext,
+    )
