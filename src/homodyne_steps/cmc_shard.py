@@ -41,7 +41,14 @@ from homodyne_steps._jax import jax, jnp
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.model import make_grid
-from homodyne_steps.nlsq import angle_blocks, block_stats, gather_points, make_fit_data
+from homodyne_steps.nlsq import (
+    Stats,
+    angle_blocks,
+    block_stats,
+    chi_squared_per_angle,
+    gather_points,
+    make_fit_data,
+)
 from homodyne_steps.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.scaling import build_map, quantile_estimates
 from homodyne_steps.serialise import atomic_path, read_json, read_npz, write_json
@@ -183,20 +190,18 @@ def _model(inp: ShardInputs, prior: PriorSettings, reparam: str):
         if inp.scaling_mode not in ("varpro", "constant") and inp.scaling_matrix.shape[1]:
             psi = _sample_scaling(inp)
     physical = jnp.stack(values)
-    s_gg, s_g, s_1, s_gd, s_d, s_dd = block_stats(physical, inp.grid, *inp.points, False)
+    st = Stats(*block_stats(physical, inp.grid, *inp.points, False))
     if inp.scaling_mode == "varpro":
-        det = s_gg * s_1 - s_g**2
-        c = (s_1 * s_gd - s_g * s_d) / det
-        o = (s_gg * s_d - s_g * s_gd) / det
-        chi2_min = c * c * s_gg + 2 * c * o * s_g + o * o * s_1 - 2 * c * s_gd - 2 * o * s_d + s_dd
-        loglik = -0.5 * jnp.sum(chi2_min) - 0.5 * jnp.sum(jnp.log(det))
+        det = st.s_gg * st.s_1 - st.s_g**2
+        c = (st.s_1 * st.s_gd - st.s_g * st.s_d) / det
+        o = (st.s_gg * st.s_d - st.s_g * st.s_gd) / det
+        loglik = -0.5 * jnp.sum(chi_squared_per_angle(st, c, o)) - 0.5 * jnp.sum(jnp.log(det))
         numpyro.deterministic("contrast", c)
         numpyro.deterministic("offset", o)
     else:
         s = inp.scaling_fixed + (0.0 if psi is None else jnp.asarray(inp.scaling_matrix) @ psi)
         c, o = s[: inp.n_phi], s[inp.n_phi :]
-        chi2 = c * c * s_gg + 2 * c * o * s_g + o * o * s_1 - 2 * c * s_gd - 2 * o * s_d + s_dd
-        loglik = -0.5 * jnp.sum(chi2)
+        loglik = -0.5 * jnp.sum(chi_squared_per_angle(st, c, o))
         if psi is not None and inp.scaling_mode != "individual":
             numpyro.deterministic("contrast", c)
             numpyro.deterministic("offset", o)

@@ -222,20 +222,11 @@ def accumulate(physical, grid, data: FitData, blocks, with_jacobian) -> Stats:
 # ---------------------------------------------------------------------------------------
 # Normal equations from statistics
 # ---------------------------------------------------------------------------------------
-def chi_squared(st: Stats, contrast: np.ndarray, offset: np.ndarray) -> float:
-    c, o = contrast, offset
-    per_angle = (
-        c * c * st.s_gg
-        + 2 * c * o * st.s_g
-        + o * o * st.s_1
-        - 2 * c * st.s_gd
-        - 2 * o * st.s_d
-        + st.s_dd
-    )
-    return float(np.sum(per_angle))
+def chi_squared_per_angle(st: Stats, contrast, offset):
+    """χ² of each angle for scaling (contrast, offset), from the statistics alone.
 
-
-def chi_squared_per_angle(st: Stats, contrast: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    Plain arithmetic, so it serves NumPy (the fit) and JAX (the CMC likelihood) alike.
+    """
     c, o = contrast, offset
     return (
         c * c * st.s_gg
@@ -245,6 +236,10 @@ def chi_squared_per_angle(st: Stats, contrast: np.ndarray, offset: np.ndarray) -
         - 2 * o * st.s_d
         + st.s_dd
     )
+
+
+def chi_squared(st: Stats, contrast: np.ndarray, offset: np.ndarray) -> float:
+    return float(np.sum(chi_squared_per_angle(st, contrast, offset)))
 
 
 def optimal_scaling(st: Stats) -> tuple[np.ndarray, np.ndarray]:
