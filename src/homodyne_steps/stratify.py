@@ -131,30 +131,27 @@ def _check_angles(a: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _check_chunk_size(chunk_size: int) -> int:
-    if isinstance(chunk_size, bool):
-        raise ConfigError(f"chunk_size: expected an integer, got {chunk_size!r}")
+def _check_int(value: object, name: str, minimum: int, expected: str) -> int:
+    """``value`` as an int >= minimum (bools refused), else ConfigError naming ``name``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
     try:
-        value = operator.index(chunk_size)
+        out = operator.index(value)
     except TypeError:
-        raise ConfigError(f"chunk_size: expected an integer, got {chunk_size!r}") from None
-    if value < 1:
-        raise ConfigError(f"chunk_size: must be >= 1, got {value}")
-    return value
+        raise ConfigError(f"{name}: expected {expected}, got {value!r}") from None
+    if out < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {out}")
+    return out
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    return _check_int(chunk_size, "chunk_size", 1, "an integer")
 
 
 def _check_seed(seed: int | None) -> int | None:
     if seed is None:
         return None
-    if isinstance(seed, bool):
-        raise ConfigError(f"seed: expected a non-negative integer or None, got {seed!r}")
-    try:
-        value = operator.index(seed)
-    except TypeError:
-        raise ConfigError(f"seed: expected a non-negative integer or None, got {seed!r}") from None
-    if value < 0:
-        raise ConfigError(f"seed: expected a non-negative integer or None, got {value}")
-    return value
+    return _check_int(seed, "seed", 0, "a non-negative integer or None")
 
 
 def _sort_key(arr: np.ndarray, n_angles: int) -> np.ndarray:
