@@ -52,12 +52,13 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from homodyne_steps.coordinates import from_rates, to_rates
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.registry import REGISTRY, canonical_mode
 from homodyne_steps.serialise import (
@@ -393,6 +394,8 @@ class Shard:
     nc_path: Path
     json_path: Path
     ignored_variables: list[str] = field(default_factory=list)
+    # (early, late) times (s) of the ``rates`` coordinates the shard was sampled in
+    rates_times: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def scaling_derived(self) -> bool:
@@ -538,6 +541,18 @@ def read_shard(nc_path: str | os.PathLike[str], json_path: str | os.PathLike[str
             if key in ss:
                 stats[key] = np.asarray(ss[key].values)
     ignored = [v for v in variables if v not in names and v not in expected and v not in scaling]
+    rates_times = None
+    if attrs.get("reparameterize") == "rates":
+        try:
+            rates_times = tuple(
+                np.atleast_1d(np.asarray(attrs[k], dtype=np.float64))
+                for k in ("rates_t_early_s", "rates_t_late_s")
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ShardError(
+                f"{nc_path}: sampled in 'rates' coordinates but the attributes "
+                "rates_t_early_s / rates_t_late_s that define them are missing or not numbers"
+            ) from None
     return Shard(
         index=index,
         num_shards=num_shards,
@@ -555,6 +570,7 @@ def read_shard(nc_path: str | os.PathLike[str], json_path: str | os.PathLike[str
         nc_path=nc_path,
         json_path=json_path,
         ignored_variables=ignored,
+        rates_times=rates_times,
     )
 
 
@@ -593,6 +609,17 @@ def check_shard_set(shards: Sequence[Shard]) -> None:
 
     for attr in ("num_shards", "analysis_mode", "per_angle_scaling", "names"):
         _differ(attr)
+
+    def _same_times(a, b) -> bool:
+        if a is None or b is None:
+            return a is b
+        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    if not all(_same_times(sh.rates_times, first.rates_times) for sh in shards):
+        raise ShardError(
+            "shards do not belong together: they were sampled in different coordinates "
+            "(reparameterize / rates times differ)"
+        )
     K = first.num_shards
     indices = [s.index for s in shards]
     dupes = sorted({i for i in indices if indices.count(i) > 1})
@@ -1038,8 +1065,17 @@ def combine_stage(
     nlsq_path = Path(nlsq_parameters) if nlsq_parameters is not None else None
     nlsq_rec = _read_nlsq(nlsq_path, mode) if nlsq_path is not None else None
 
-    # -- exclusion -----------------------------------------------------------------------
-    selection = select_shards(shards, s)
+    # -- exclusion and combination in the sampled coordinates -----------------------------
+    # Shards sampled in the ``rates`` coordinates are near-Gaussian there and curved in
+    # (amplitude, offset): the Gaussian consensus and the MAD filter belong in the former.
+    rates = first.rates_times
+
+    def sampled(draws: np.ndarray) -> np.ndarray:
+        return draws if rates is None else to_rates(draws, list(names), *rates)
+
+    selection = select_shards([replace(sh, draws=sampled(sh.draws)) for sh in shards], s)
+    by_index = {sh.index: sh for sh in shards}
+    selection.kept = [by_index[sh.index] for sh in selection.kept]
     kept, excluded = selection.kept, selection.excluded
     excluded_stage, flagged_kept = selection.excluded_by, selection.flagged_kept
     shard_means = {sh.index: sh.mean for sh in shards}
@@ -1047,7 +1083,11 @@ def combine_stage(
 
     # -- combination ---------------------------------------------------------------------
     labels = [sh.index for sh in kept]
-    draws = combine_draws([sh.draws for sh in kept], s.method, first.n_joint, labels=labels)
+    draws = combine_draws(
+        [sampled(sh.draws) for sh in kept], s.method, first.n_joint, labels=labels
+    )
+    if rates is not None:
+        draws = from_rates(draws, list(names), *rates)
     summary = posterior_summary(draws, names)
 
     # -- diagnostics ---------------------------------------------------------------------

@@ -32,12 +32,19 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from homodyne_steps._jax import jax, jnp
+from homodyne_steps.coordinates import (
+    POWER_LAWS,
+    power_law_from_rates,
+    rates_from_power_law,
+    split_times,
+)
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.model import make_grid
@@ -64,7 +71,7 @@ class SamplerSettings:
     max_tree_depth: int = 8
     dense_mass: bool = True
     seed: int = 0
-    reparameterize: str = "none"  # none | log_reference
+    reparameterize: str = "rates"  # rates | log_reference | none
     adapt_mass_matrix: bool = False  # False: keep the NLSQ-derived metric when available
 
     @classmethod
@@ -89,7 +96,7 @@ class SamplerSettings:
             dense_mass=get_bool(m, "dense_mass", d.dense_mass, where),
             seed=get_int(m, "seed", d.seed, where, minimum=0),
             reparameterize=get_choice(
-                m, "reparameterize", d.reparameterize, ("none", "log_reference"), where
+                m, "reparameterize", d.reparameterize, ("rates", "log_reference", "none"), where
             ),
             adapt_mass_matrix=get_bool(m, "adapt_mass_matrix", d.adapt_mass_matrix, where),
         )
@@ -135,8 +142,9 @@ class ShardInputs:
     upper: np.ndarray
     log_t_ref: float
     num_shards: int
+    t_early: Any = None  # measured times (s) of the early and late halves of the run
+    t_late: Any = None
     points: tuple = ()  # (i, j, a, d, w) of the shard's blocks: constant over the sampling
-    nlsq_covariance: np.ndarray | None = None  # physical parameters, full data
 
 
 def _prior_arrays(names, registry: Registry, prior: PriorSettings, nlsq: Mapping[str, Any]):
@@ -155,40 +163,70 @@ def _prior_arrays(names, registry: Registry, prior: PriorSettings, nlsq: Mapping
     return mu, sd, lo, hi
 
 
+def _truncated_normal(inp: ShardInputs, k: int):
+    import numpyro.distributions as dist
+
+    return dist.TruncatedNormal(
+        inp.prior_mu[k], inp.prior_sigma[k], low=inp.lower[k], high=inp.upper[k]
+    )
+
+
+def _prior_log_density(inp: ShardInputs, k: int, x):
+    """Log prior density of parameter k at x; −inf outside its bounds."""
+    inside = (x >= inp.lower[k]) & (x <= inp.upper[k])
+    xc = jnp.clip(x, inp.lower[k], inp.upper[k])
+    return jnp.where(inside, _truncated_normal(inp, k).log_prob(xc), -jnp.inf)
+
+
 def _model(inp: ShardInputs, prior: PriorSettings, reparam: str):
+    """NumPyro model of one shard.
+
+    Prior tempering scales the prior *density of the physical parameters* by 1/K; the
+    Jacobian of a reparameterisation is not tempered (it is a change of coordinates,
+    not information), so the shard posterior as a measure on the physical parameters
+    is the same whichever parameterisation is sampled.
+    """
     import numpyro
     import numpyro.distributions as dist
 
     temper = 1.0 / inp.num_shards if prior.tempering else 1.0
-    values = []
+    values: list[Any] = [None] * len(inp.names)
+    groups = [g for g in POWER_LAWS if g[0] in inp.names] if reparam != "none" else []
+    # log_reference replaces the amplitude; rates replace the amplitude and the offset
+    replaced = {
+        n for g in groups for n in ((g[0],) if reparam == "log_reference" else (g[0], g[2]))
+    }
     with numpyro.handlers.scale(scale=temper):
         for k, name in enumerate(inp.names):
-            d = dist.TruncatedNormal(
-                inp.prior_mu[k], inp.prior_sigma[k], low=inp.lower[k], high=inp.upper[k]
-            )
-            partner = {"D0": "alpha", "gamma_dot_t0": "beta"}.get(name)
-            if reparam == "log_reference" and partner in inp.names:
-                values.append(None)  # filled after the partner exponent is known
-                continue
-            values.append(numpyro.sample(name, d))
-        if reparam == "log_reference":
-            for k, name in enumerate(inp.names):
-                if values[k] is not None:
-                    continue
-                exponent = values[inp.names.index({"D0": "alpha", "gamma_dot_t0": "beta"}[name])]
-                u = numpyro.sample(
-                    f"log_{name}_ref", dist.ImproperUniform(dist.constraints.real, (), ())
-                )
-                x = jnp.exp(u - exponent * inp.log_t_ref)
-                d = dist.TruncatedNormal(
-                    inp.prior_mu[k], inp.prior_sigma[k], low=inp.lower[k], high=inp.upper[k]
-                )
-                # prior density of x, and |dx/du| = x for the change of variables
-                numpyro.factor(f"prior_{name}", d.log_prob(x) + jnp.log(x))
-                values[k] = numpyro.deterministic(name, x)
+            if name not in replaced:
+                values[k] = numpyro.sample(name, _truncated_normal(inp, k))
         psi = None
         if inp.scaling_mode not in ("varpro", "constant") and inp.scaling_matrix.shape[1]:
             psi = _sample_scaling(inp)
+    flat = dist.ImproperUniform(dist.constraints.real, (), ())
+    for amp, exp_name, off, rate_names in groups:
+        ka, ke, ko = (inp.names.index(n) for n in (amp, exp_name, off))
+        exponent = values[ke]
+        if reparam == "log_reference":
+            # u = log amplitude + exponent · log t_ref: the log of the rate at t_ref
+            u = numpyro.sample(f"log_{amp}_ref", flat)
+            values[ka] = jnp.exp(u - exponent * inp.log_t_ref)
+            log_jac = jnp.log(values[ka])
+            log_prior = _prior_log_density(inp, ka, values[ka])
+        else:  # rates: the means of D(t) (γ̇(t)) over the early and late halves
+            early = numpyro.sample(rate_names[0], flat)
+            late = numpyro.sample(rate_names[1], flat)
+            values[ka], values[ko], gap = power_law_from_rates(
+                early, late, exponent, inp.t_early, inp.t_late
+            )
+            log_jac = -jnp.log(jnp.abs(gap))
+            log_prior = _prior_log_density(inp, ka, values[ka]) + _prior_log_density(
+                inp, ko, values[ko]
+            )
+        numpyro.factor(f"prior_{amp}", temper * log_prior + log_jac)
+        numpyro.deterministic(amp, values[ka])
+        if reparam == "rates":
+            numpyro.deterministic(off, values[ko])
     physical = jnp.stack(values)
     st = Stats(*block_stats(physical, inp.grid, *inp.points, False))
     if inp.scaling_mode == "varpro":
@@ -256,7 +294,6 @@ def prepare_shard(
     L: float,
     prior: PriorSettings,
     registry: Registry = REGISTRY,
-    nlsq_covariance: np.ndarray | None = None,
 ) -> ShardInputs:
     mode = canonical_mode(mode)
     if nlsq_params.get("analysis_mode") != mode:
@@ -274,7 +311,10 @@ def prepare_shard(
     ids = ids[ids < n_total]
     if ids.size == 0 or (ids.max() >= n_total):
         raise DataError("the shard plan does not match the data (point ids out of range)")
-    blocks = angle_blocks(ids[None, :], ids // n_pairs, n_phi)
+    # angle_blocks groups *positions* 0..n-1 by angle (padding n); map them back to the
+    # shard's point ids (padding N).
+    local = angle_blocks(np.arange(ids.size)[None, :], ids // n_pairs, n_phi)
+    blocks = np.where(local < ids.size, ids[np.minimum(local, ids.size - 1)], n_total)
     fit_data = make_fit_data(data.c2_exp, sigma_lag)
     scaling_mode = nlsq_params.get("per_angle_scaling", "varpro")
     c0 = np.array([p["contrast"]["value"] for p in nlsq_params["per_angle"]])
@@ -287,6 +327,7 @@ def prepare_shard(
     mu, sd, lo, hi = _prior_arrays(names, registry, prior, nlsq_params)
     t = np.asarray(data.t1, dtype=np.float64)
     t_pos = t[t > 0]
+    t_halves = split_times(t_pos) if t_pos.size >= 2 else (None, None)
     return ShardInputs(
         mode=mode,
         names=names,
@@ -309,19 +350,26 @@ def prepare_shard(
         lower=lo,
         upper=hi,
         log_t_ref=float(np.mean(np.log(t_pos))) if t_pos.size else 0.0,
+        t_early=t_halves[0],
+        t_late=t_halves[1],
         num_shards=num_shards,
-        nlsq_covariance=nlsq_covariance,
         points=tuple(gather_points(fit_data, jnp.asarray(blocks[0]))),
     )
 
 
 def _init_values(inp: ShardInputs, reparam: str) -> dict[str, Any]:
     values: dict[str, Any] = dict(inp.init_physical)
-    if reparam == "log_reference":
-        for name, partner in (("D0", "alpha"), ("gamma_dot_t0", "beta")):
-            if name in values:
-                x = values.pop(name)
-                values[f"log_{name}_ref"] = math.log(x) + values[partner] * inp.log_t_ref
+    for amp, exp_name, off, (early, late) in POWER_LAWS:
+        if reparam == "none" or amp not in values:
+            continue
+        x = values.pop(amp)
+        if reparam == "log_reference":
+            values[f"log_{amp}_ref"] = math.log(x) + values[exp_name] * inp.log_t_ref
+        else:
+            rates = rates_from_power_law(
+                x, values[exp_name], values.pop(off), inp.t_early, inp.t_late
+            )
+            values[early], values[late] = (float(r) for r in rates)
     if inp.scaling_mode == "individual":
         values["contrast"] = np.clip(inp.init_psi[: inp.n_phi], 1e-3, 1 - 1e-3)
         values["offset"] = np.clip(inp.init_psi[inp.n_phi :], 0.5 + 1e-3, 1.5 - 1e-3)
@@ -332,64 +380,80 @@ def _init_values(inp: ShardInputs, reparam: str) -> dict[str, Any]:
     return {k: jnp.asarray(v) for k, v in values.items()}
 
 
-def shard_laplace(inp: ShardInputs, registry: Registry = REGISTRY):
-    """Mode and covariance of the shard's own likelihood (NLSQ on the shard's points).
+@dataclass
+class ShardMode:
+    """The shard posterior's mode in the sampler's unconstrained coordinates and the
+    inverse Hessian of the potential there (the Laplace covariance: NUTS's metric)."""
 
-    Started from the full-data NLSQ optimum, a few Levenberg–Marquardt iterations find the
-    shard's optimum; (JᵀJ)⁻¹ there is the Laplace approximation of the shard posterior,
-    the metric NUTS needs (a few hundred warmup draws cannot estimate a 0.98-correlated
-    metric: NumPyro on a Gaussian of that shape needs 27 leapfrog steps per draw after
-    200 warmup draws, against ~4 with the right metric).
+    sites: tuple[str, ...]
+    values: dict[str, Any]  # the sampled sites' values at the mode
+    inverse_mass: np.ndarray | None  # over ravel(z[s] for s in sites)
+    status: str
+    iterations: int
+    potential: float
+    seconds: float
+
+
+def shard_mode(model, init_values: Mapping[str, Any], max_iterations: int = 40) -> ShardMode:
+    """Damped Newton on the potential (−log posterior) in NumPyro's unconstrained space.
+
+    The Hessian is exact (JAX), so the metric includes the prior, the varpro log-det
+    term and the curvature of the bound transforms: the Gaussian NUTS actually sees.
     """
-    from homodyne_steps.nlsq import Problem, SolverSettings, levenberg_marquardt
-    from homodyne_steps.scaling import ScalingMap
+    from jax.flatten_util import ravel_pytree
+    from numpyro.infer import init_to_value
+    from numpyro.infer.util import initialize_model
 
-    smap = ScalingMap(inp.scaling_mode, inp.scaling_matrix, inp.scaling_fixed, inp.scaling_names)
-    n_psi = 0 if smap.mode == "varpro" else smap.n_params
-    c_b, o_b = registry["contrast"].bounds, registry["offset"].bounds
-    if smap.mode in ("individual", "auto"):
-        k = inp.n_phi if smap.mode == "individual" else 1
-        s_lo = np.r_[np.full(k, c_b[0]), np.full(k, o_b[0])]
-        s_hi = np.r_[np.full(k, c_b[1]), np.full(k, o_b[1])]
-    else:
-        s_lo, s_hi = np.full(n_psi, -np.inf), np.full(n_psi, np.inf)
-    lower, upper = np.r_[inp.lower, s_lo[:n_psi]], np.r_[inp.upper, s_hi[:n_psi]]
-    log_scale = np.r_[[registry[n].log_scale for n in inp.names], np.zeros(n_psi, bool)]
-    prob = Problem(
-        inp.grid,
-        inp.data,
-        np.asarray(inp.blocks),
-        inp.n_points,
-        inp.n_phi,
-        smap,
-        lower,
-        upper,
-        np.zeros(lower.size, bool),
-        log_scale,
+    t0 = time.perf_counter()
+    info = initialize_model(
+        jax.random.PRNGKey(0), model, init_strategy=init_to_value(values=dict(init_values))
     )
-    theta0 = np.array([inp.init_physical[n] for n in inp.names])
-    psi0 = np.clip(inp.init_psi, s_lo, s_hi) if n_psi else np.zeros(0)
-    result = levenberg_marquardt(prob, theta0, psi0, SolverSettings(max_iterations=30))
-    return result
+    z0 = info.param_info.z
+    sites = tuple(z0)
+    flat0, unravel = ravel_pytree(tuple(z0[k] for k in sites))
 
+    def potential(flat):
+        return info.potential_fn(dict(zip(sites, unravel(flat), strict=True)))
 
-def initial_inverse_mass(inp: ShardInputs, cov: np.ndarray | None, x: np.ndarray):
-    """A covariance of the physical parameters at x, as NUTS's metric in its space.
-
-    NumPyro samples a bounded parameter x through z = logit((x − lo)/(hi − lo)), so
-    cov_z = J cov_x J with J = dz/dx at x.
-    """
-    if cov is None or cov.shape != (len(inp.names),) * 2 or not np.all(np.isfinite(cov)):
-        return None
-    lo, hi = inp.lower, inp.upper
-    eps = 1e-12 * (hi - lo)
-    xc = np.clip(x, lo + eps, hi - eps)
-    jac = (hi - lo) / ((xc - lo) * (hi - xc))
-    cov_z = jac[:, None] * cov * jac[None, :]
-    cov_z = 0.5 * (cov_z + cov_z.T) + 1e-12 * np.eye(len(x)) * np.max(np.diag(cov_z))
-    if np.any(np.linalg.eigvalsh(cov_z) <= 0):
-        return None
-    return {tuple(inp.names): cov_z}
+    value_and_grad = jax.jit(jax.value_and_grad(potential))
+    hessian = jax.jit(jax.hessian(potential))
+    x = np.asarray(flat0, dtype=np.float64)
+    f, g = (np.asarray(v, dtype=np.float64) for v in value_and_grad(x))
+    status, it, lam = "max_iterations", 0, 1e-3
+    for it in range(1, max_iterations + 1):  # noqa: B007
+        if not (np.isfinite(f) and np.all(np.isfinite(g))):
+            status = "failed"
+            break
+        h = np.asarray(hessian(x), dtype=np.float64)
+        h = 0.5 * (h + h.T)
+        scale = np.sqrt(np.clip(np.abs(np.diag(h)), 1e-300, None))
+        hs, gs = h / np.outer(scale, scale), g / scale
+        evals = np.linalg.eigvalsh(hs)
+        if evals[0] > 0 and gs @ np.linalg.solve(hs, gs) < 1e-6:
+            status = "converged"
+            break
+        accepted = False
+        while lam < 1e12:
+            shift = lam + max(0.0, -evals[0] * 1.01)
+            step = -np.linalg.solve(hs + shift * np.eye(x.size), gs) / scale
+            f_new, g_new = (np.asarray(v, dtype=np.float64) for v in value_and_grad(x + step))
+            if np.isfinite(f_new) and f_new < f:
+                x, f, g, accepted = x + step, f_new, g_new, True
+                lam = max(lam / 10.0, 1e-9)
+                break
+            lam *= 10.0
+        if not accepted:
+            status = "stalled"
+            break
+    inverse_mass = None
+    if status != "failed":
+        h = np.asarray(hessian(x), dtype=np.float64)
+        evals, evecs = np.linalg.eigh(0.5 * (h + h.T))
+        if evals[0] > 0:
+            inverse_mass = (evecs / evals) @ evecs.T
+    constrained = info.postprocess_fn(dict(zip(sites, unravel(jnp.asarray(x)), strict=True)))
+    values = {k: constrained[k] for k in sites}
+    return ShardMode(sites, values, inverse_mass, status, it, float(f), time.perf_counter() - t0)
 
 
 def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, shard: int = 0):
@@ -397,32 +461,24 @@ def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, 
     import arviz as az
     from numpyro.infer import MCMC, NUTS, init_to_value
 
-    metric = None
-    laplace = None
-    if sampler.reparameterize == "none":
-        laplace = shard_laplace(inp)
-        if laplace.converged:
-            inp.init_physical = dict(zip(inp.names, laplace.physical.tolist(), strict=True))
-            if inp.scaling_mode not in ("varpro", "constant"):
-                inp.init_psi = laplace.psi
-            p = len(inp.names)
-            metric = initial_inverse_mass(inp, laplace.covariance_x[:p, :p], laplace.physical)
-        elif inp.nlsq_covariance is not None:  # fall back: full-data covariance × K
-            x = np.array([inp.init_physical[n] for n in inp.names])
-            metric = initial_inverse_mass(inp, inp.num_shards * inp.nlsq_covariance, x)
-    dense = sampler.dense_mass
-    if dense and metric is not None:
-        dense = [tuple(inp.names)]  # the physical block dense; scaling sites diagonal
+    model = partial(_model, inp, prior, sampler.reparameterize)
+    mode = shard_mode(model, _init_values(inp, sampler.reparameterize))
+    metric = mode.inverse_mass
     kernel = NUTS(
-        lambda: _model(inp, prior, sampler.reparameterize),
-        init_strategy=init_to_value(values=_init_values(inp, sampler.reparameterize)),
+        model,
+        init_strategy=init_to_value(values=mode.values),
         target_accept_prob=sampler.target_accept,
         max_tree_depth=sampler.max_tree_depth,
-        dense_mass=dense,
-        inverse_mass_matrix=metric if dense else None,
+        dense_mass=[mode.sites] if sampler.dense_mass else False,
+        inverse_mass_matrix=(
+            {mode.sites: metric if sampler.dense_mass else np.diag(metric)}
+            if metric is not None
+            else None
+        ),
         # A few hundred warmup draws cannot estimate a 0.98-correlated metric (NumPyro on
         # a Gaussian of this shape: 27 leapfrog steps per draw after 200 warmup draws);
-        # the NLSQ covariance already is that metric, so only the step size is tuned.
+        # the Laplace covariance at the shard's mode already is that metric, so only the
+        # step size is tuned.
         adapt_mass_matrix=metric is None or sampler.adapt_mass_matrix,
     )
     mcmc = MCMC(
@@ -467,17 +523,15 @@ def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, 
         "acceptance_rate": float(accept.mean()),
         "timings": {"warmup_s": t1 - t0, "sampling_s": t2 - t1, "total_s": t2 - t0},
         "metric": (
-            "shard Laplace covariance (fixed)"
-            if metric is not None and laplace is not None and laplace.converged
-            else ("NLSQ covariance x K" if metric is not None else "adapted by NumPyro")
+            "Laplace covariance at the shard's mode (fixed)"
+            if metric is not None and not sampler.adapt_mass_matrix
+            else "adapted by NumPyro"
         ),
-        "laplace": None
-        if laplace is None
-        else {
-            "status": laplace.status,
-            "iterations": laplace.iterations,
-            "mode": dict(zip(inp.names, laplace.physical.tolist(), strict=True)),
-            "seconds": laplace.timings.get("total_s"),
+        "mode": {
+            "status": mode.status,
+            "newton_iterations": mode.iterations,
+            "potential": mode.potential,
+            "seconds": mode.seconds,
         },
     }
     return idata, record
@@ -510,13 +564,6 @@ def cmc_shard_stage(
             f"{nlsq_fitted}: sigma_per_lag has shape {sigma_lag.shape}; the data needs "
             f"{(data.n_phi, data.n_t)} (was the NLSQ fit run on this data?)"
         )
-    cov = None
-    analysis_path = Path(nlsq_parameters).with_name("analysis_results_nlsq.json")
-    if analysis_path.exists():
-        analysis = read_json(analysis_path)
-        cov_rec = analysis.get("covariance") or {}
-        if cov_rec.get("names") == list(registry.physical_names(mode)):
-            cov = np.asarray(cov_rec["matrix"], dtype=np.float64)
     inp = prepare_shard(
         data,
         plan,
@@ -527,7 +574,6 @@ def cmc_shard_stage(
         L=L,
         prior=prior,
         registry=registry,
-        nlsq_covariance=cov,
     )
     t_prep = time.perf_counter()
     idata, record = run_shard(inp, sampler, prior, shard)
@@ -540,6 +586,9 @@ def cmc_shard_stage(
             "per_angle_scaling": inp.scaling_mode,
             "prior_tempering": 1.0 / inp.num_shards if prior.tempering else 1.0,
             "reparameterize": sampler.reparameterize,
+            # the combination works in the sampled coordinates; these define them
+            "rates_t_early_s": np.asarray(inp.t_early, dtype=np.float64),
+            "rates_t_late_s": np.asarray(inp.t_late, dtype=np.float64),
         }
     )
     for attr in ("shard", "num_shards"):

@@ -45,6 +45,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "cmc_plan": ("cmc_plan", "stratify", "scaling", "registry", "dataset", "settings", "serialise"),
     "cmc_shard": (
         "cmc_shard",
+        "coordinates",
         "nlsq",
         "model",
         "scaling",
@@ -56,6 +57,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     ),
     "cmc_combine": (
         "cmc_combine",
+        "coordinates",
         "cmc_fitted",
         "nlsq_stage",
         "nlsq",
@@ -66,7 +68,13 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
         "serialise",
         "_jax",
     ),
+    "plot_data": ("plot_data", "plot_common", "dataset", "settings", "serialise"),
+    "plot_qc": ("plot_qc", "plot_common", "settings", "serialise"),
+    "plot_nlsq": ("plot_nlsq", "plot_common", "registry", "settings", "serialise"),
+    "plot_cmc": ("plot_cmc", "plot_common", "registry", "settings", "serialise"),
+    "write": ("write", "registry", "serialise"),
 }
+PLOT_STAGES = ("plot_data", "plot_qc", "plot_nlsq", "plot_cmc")
 # Global sections a dataset may override key by key (deep merge).
 OVERRIDABLE = ("filter", "preprocess", "qc", "nlsq", "cmc")
 LOAD_KEYS = ("q", "dt", "frames", "q_tolerance", "storage")
@@ -124,6 +132,8 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
         return dict(config.get("simulate", {}).get(dataset, {}))
     if stage == "load":
         return {k: entry[k] for k in LOAD_KEYS if k in entry}
+    if stage in PLOT_STAGES:  # the same for every dataset: one look across datasets
+        return dict(config.get("plot") or {})
     if stage.startswith("cmc_"):
         cmc = deep_merge(config.get("cmc") or {}, entry.get("cmc") or {})
         nlsq = deep_merge(config.get("nlsq") or {}, entry.get("nlsq") or {})
