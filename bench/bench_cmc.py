@@ -1,9 +1,11 @@
 """CMC benchmark on the static reference case (3 angles x 200 frames).
 
-Run: ``python bench/bench_cmc.py``. Stages run as ``homodyne-steps`` processes, as the
-workflow runs them: plan, the shards in parallel (one core each, like
-``snakemake --cores 2``), combine. Effective samples per second = bulk ESS of D0 /
-wall time of the whole CMC part (plan start to combine end). The reference package
+Run: ``python bench/bench_cmc.py`` (static reference) and
+``python bench/bench_cmc.py --laminar`` (laminar demo case, sampled coordinates
+compared). Stages run as ``homodyne-steps`` processes, as the workflow runs them:
+plan, the shards in parallel (one core each, like ``snakemake --cores 2``), combine.
+Effective samples per second = bulk ESS of D0 / wall time of the whole CMC part (plan
+start to combine end). The reference package
 needs about 290 s and reaches ESS ~ 520 for D0 here: ~1.8 ESS/s (issue #5).
 Calibration: posterior sd of every parameter against a single-chain, full-data NUTS
 run on the same data (should agree within 20 %).
@@ -24,14 +26,16 @@ from bench_nlsq import nlsq_process, prepare, run  # noqa: E402
 REFERENCE_ESS_PER_S = 1.8
 
 
-def cmc(d: Path, out: str, sharding: dict, sampler: dict) -> tuple[float, dict, list]:
-    base = {"analysis_mode": "static", "L": None}
+def cmc(
+    d: Path, out: str, sharding: dict, sampler: dict, mode: str = "static", L: float | None = None
+) -> tuple[float, dict, list]:
+    base = {"analysis_mode": mode, "L": L}
     w = d / out
     w.mkdir(exist_ok=True)
     start = time.perf_counter()
     run(["homodyne-steps", "cmc-plan", "--input", str(d / "qc.npz"), "--out-json",
          str(w / "plan.json"), "--out-npz", str(w / "plan.npz"), "--settings",
-         json.dumps({"analysis_mode": "static", "per_angle_scaling": "varpro",
+         json.dumps({"analysis_mode": mode, "per_angle_scaling": "varpro",
                      "sharding": sharding})])  # fmt: skip
     k = json.loads((w / "plan.json").read_text())["num_shards"]
     procs = []
@@ -55,7 +59,39 @@ def cmc(d: Path, out: str, sharding: dict, sampler: dict) -> tuple[float, dict, 
     return wall, params, shards
 
 
+def laminar(work: Path) -> None:
+    """The demo's laminar case (6 x 120 frames, 2 shards): the sampled coordinates.
+
+    In (D0, alpha, D_offset) and (γ̇0, beta, γ̇_offset) the shard posteriors are curved
+    valleys; in the rates coordinates (means of D(t), γ̇(t) over the early and late
+    half of the run) they are close to Gaussian.
+    """
+    sim = {"mode": "laminar_flow", "n_frames": 120, "noise": 0.01, "seed": 1,
+           "phi_deg": [-30.0, 0.0, 30.0, 60.0, 90.0, 120.0]}  # fmt: skip
+    d, truth = prepare(work, "laminar", sim)
+    nlsq_process(d, truth, work / "cache")
+    print("\nCMC, laminar demo case (6 x 120 frames), 2 shards, 150 warmup + 250 draws x 2 chains")
+    print(f"{'coordinates':>13s} {'wall [s]':>9s} {'depth':>6s} {'div':>4s} {'min ESS':>8s} "
+          f"{'max R-hat':>10s} {'ESS/s':>6s} {'status':>24s}")  # fmt: skip
+    for reparam in ("rates", "none"):
+        wall, params, shards = cmc(
+            d, f"lam_{reparam}", {"max_points_per_shard": 21100},
+            {"num_warmup": 150, "num_samples": 250, "reparameterize": reparam},
+            mode="laminar_flow", L=truth["L"],
+        )  # fmt: skip
+        conv = params["convergence"]
+        depth = sum(r["mean_tree_depth"] for r in shards) / len(shards)
+        div = sum(r["divergences"] for r in shards)
+        ess, rhat = conv["min_ess"], conv["max_r_hat"]
+        print(f"{reparam:>13s} {wall:9.1f} {depth:6.2f} {div:4d} {ess:8.0f} {rhat:10.3f} "
+              f"{ess / wall:6.1f} {conv['status']:>24s}")  # fmt: skip
+
+
 def main() -> None:
+    if "--laminar" in sys.argv:
+        with tempfile.TemporaryDirectory() as tmp:
+            laminar(Path(tmp))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         d, truth = prepare(work, "static", {"mode": "static", "n_frames": 200, "seed": 11})
@@ -66,8 +102,9 @@ def main() -> None:
               f"{'depth':>6s} {'div':>4s}")  # fmt: skip
         for r in shards:
             t = r["timings"]
+            depth, div = r["mean_tree_depth"], r["divergences"]
             print(f"{r['shard']:5d} {r['n_points']:7d} {t['compile_and_warmup_s']:19.1f} "
-                  f"{t['sampling_s']:13.1f} {r['mean_tree_depth']:6.2f} {r['divergences']:4d}")  # fmt: skip
+                  f"{t['sampling_s']:13.1f} {depth:6.2f} {div:4d}")  # fmt: skip
         ess = params["parameters"]["D0"]["ess_bulk"]
         print(f"CMC wall {wall:.1f} s, bulk ESS(D0) {ess:.0f} -> {ess / wall:.1f} ESS/s "
               f"({ess / wall / REFERENCE_ESS_PER_S:.1f}x the reference's {REFERENCE_ESS_PER_S}); "
