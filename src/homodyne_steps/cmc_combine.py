@@ -1096,9 +1096,13 @@ def combine_stage(
         np.stack([shard_stds[sh.index] ** 2 for sh in kept]),
         summary["mean"],
     )
+    # Derived varpro scaling (each shard's conditional optimum, not a sampled parameter)
+    # is reported but not assessed: its spread within a shard ignores its own uncertainty,
+    # so its ESS and its scatter between shards say nothing about convergence.
+    assessed = names[: first.n_joint] if first.scaling_derived else names
     heterogeneous = [
         n
-        for j, n in enumerate(names)
+        for j, n in enumerate(assessed)
         if het["dof"] > 0 and np.isfinite(het["p_value"][j]) and het["p_value"][j] < HETEROGENEITY_P
     ]
     bfmi = {sh.index: shard_bfmi(sh) for sh in shards}
@@ -1112,8 +1116,8 @@ def combine_stage(
     divergences = int(sum(sh.divergences for sh in kept))
     n_draws_kept = int(sum(sh.draws.shape[0] * sh.draws.shape[1] for sh in kept))
     quality = assess_quality(
-        names,
-        summary,
+        assessed,
+        {k: v[: len(assessed)] for k, v in summary.items()},
         s,
         divergences=divergences,
         n_draws_total=n_draws_kept,
