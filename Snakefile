@@ -13,6 +13,10 @@ include: "workflow/rules/simulate.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/nlsq.smk"
 include: "workflow/rules/cmc.smk"
+include: "workflow/rules/plots.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule all:
@@ -21,3 +25,10 @@ rule all:
         expand("results/{dataset}/data/qc_report.json", dataset=DATASETS),
         expand("results/{dataset}/nlsq/parameters.json", dataset=DATASETS),
         expand("results/{dataset}/cmc/parameters.json", dataset=DATASETS),
+        expand(
+            "results/{dataset}/plots/{kind}",
+            dataset=DATASETS,
+            kind=("data", "qc", "nlsq", "cmc"),
+        ),
+        "results/summary.csv",
+        "results/summary.json",

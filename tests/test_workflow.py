@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import check_figure_dir
 from homodyne_steps.errors import ConfigError
 from homodyne_steps.wfconfig import code_fingerprint, stage_settings, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 CONFIG = yaml.safe_load((ROOT / "config" / "config.yaml").read_text(encoding="utf-8"))
+PLOT_KINDS = ("data", "qc", "nlsq", "cmc")
 
 
 def copy_workflow(dest: Path) -> Path:
@@ -105,6 +107,11 @@ def test_code_fingerprints_name_the_version_and_differ_by_stage():
         "cmc_plan",
         "cmc_shard",
         "cmc_combine",
+        "plot_data",
+        "plot_qc",
+        "plot_nlsq",
+        "plot_cmc",
+        "write",
     )
     prints = {s: code_fingerprint(s) for s in stages}
     assert len(set(prints.values())) == len(prints)
@@ -181,6 +188,19 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
     assert fit["convergence"]["converged"] and 0.9 < fit["reduced_chi_squared"] < 1.1
     for name, p in fit["parameters"].items():
         assert abs(p["value"] - truth["params"][name]) < 3 * p["uncertainty"], name
+    # Figures: every listed PNG valid, of its size, not blank; the summary; the report.
+    plots = cwd / "results" / "demo" / "plots"
+    counts = {kind: len(check_figure_dir(plots / kind)["figures"]) for kind in PLOT_KINDS}
+    assert counts == {"data": 7, "qc": 1, "nlsq": 9, "cmc": 7}, counts
+    row = json.loads((cwd / "results" / "summary.json").read_text())["rows"][0]
+    assert row["dataset"] == "demo" and row["nlsq_D0"] == fit["parameters"]["D0"]["value"]
+    for stage in ("plot_data", "plot_qc", "plot_nlsq", "plot_cmc"):
+        assert (cwd / "logs" / "demo" / f"{stage}.log").is_file()
+    built = snakemake(cwd, "--report", "report.html")
+    assert built.returncode == 0, built.stdout + built.stderr
+    html = (cwd / "report.html").read_text(encoding="utf-8")
+    for name in ("c2_heatmaps_phi_0.0deg.png", "forest.png", "qc_summary.png", "summary.csv"):
+        assert name in html, name
     assert planned_jobs(cwd) == {}
 
     def with_edit(edit) -> dict[str, int]:
@@ -194,15 +214,25 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
     k = json.loads((cwd / "results" / "demo" / "cmc" / "plan.json").read_text())["num_shards"]
     # Downstream of the data: NLSQ and the CMC plan rerun; the shard jobs appear once the
     # re-run plan says how many there are (checkpoint), so a dry run lists the combine.
-    downstream = {"nlsq": 1, "cmc_plan": 1, "cmc_combine": 1, "all": 1}
-    after_nlsq = {"nlsq": 1, "cmc_shard": k, "cmc_combine": 1, "all": 1}
+    # The write rule and the plots of what changed rerun with it; the data/QC/NLSQ plots
+    # never follow CMC edits.
+    fit_plots = {"plot_nlsq": 1, "plot_cmc": 1, "write": 1}
+    downstream = {"nlsq": 1, "cmc_plan": 1, "cmc_combine": 1, "all": 1, **fit_plots}
+    after_nlsq = {"nlsq": 1, "cmc_shard": k, "cmc_combine": 1, "all": 1, **fit_plots}
+    data_plots = {"plot_data": 1, "plot_qc": 1}
+    cmc_only = {"plot_cmc": 1, "write": 1, "all": 1}
     statistical = {"method": "statistical"}
     assert with_edit(lambda c: c["preprocess"]["diagonal_correction"].update(statistical)) == {
         "preprocess": 1,
         "qc": 1,
+        **data_plots,
         **downstream,
     }
-    assert with_edit(lambda c: c["qc"].update(g2_ceiling=2.5)) == {"qc": 1, **downstream}
+    assert with_edit(lambda c: c["qc"].update(g2_ceiling=2.5)) == {
+        "qc": 1,
+        "plot_qc": 1,
+        **downstream,
+    }
     # per_angle_scaling sets the sampled-parameter count, which the plan's sizing uses
     assert with_edit(lambda c: c["nlsq"].update(per_angle_scaling="individual")) == downstream
     assert with_edit(lambda c: c["nlsq"]["solver"].update(max_iterations=90)) == after_nlsq
@@ -212,21 +242,39 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
     assert with_edit(lambda c: c["cmc"]["sampler"].update(seed=3)) == {
         "cmc_shard": k,
         "cmc_combine": 1,
-        "all": 1,
+        **cmc_only,
     }
     assert with_edit(lambda c: c["cmc"]["combine"].update(method="consensus_mc")) == {
         "cmc_combine": 1,
-        "all": 1,
+        **cmc_only,
     }
     assert with_edit(lambda c: c["cmc"]["sharding"].update(seed=5)) == {
         "cmc_plan": 1,
         "cmc_combine": 1,
+        **cmc_only,
+    }
+    # Plot settings rerun the plots only; the summary does not depend on them.
+    assert with_edit(lambda c: c["plot"].update(dpi=120)) == {
+        **data_plots,
+        "plot_nlsq": 1,
+        "plot_cmc": 1,
         "all": 1,
+    }
+    # A new dataset adds its own jobs and a row: nothing of the first dataset reruns.
+    second = {**CONFIG["datasets"]["demo"], "q_tolerance": 0.2}
+    assert with_edit(lambda c: c["datasets"].update(demo2=second)) == {
+        "load": 1,
+        "filter": 1,
+        "preprocess": 1,
+        "qc": 1,
+        **data_plots,
+        **downstream,
     }
     assert with_edit(lambda c: c["filter"].update(phi_ranges=[[-40, 100]])) == {
         "filter": 1,
         "preprocess": 1,
         "qc": 1,
+        **data_plots,
         **downstream,
     }
     assert with_edit(lambda c: c["datasets"]["demo"].update(q_tolerance=0.05)) == {
@@ -234,6 +282,7 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
         "filter": 1,
         "preprocess": 1,
         "qc": 1,
+        **data_plots,
         **downstream,
     }
     assert with_edit(lambda c: c["simulate"]["demo"].update(seed=2)) == {
@@ -242,5 +291,6 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
         "filter": 1,
         "preprocess": 1,
         "qc": 1,
+        **data_plots,
         **downstream,
     }

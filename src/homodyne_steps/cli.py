@@ -448,6 +448,100 @@ def _run_cmc_combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plot_stages(sub: argparse._SubParsersAction) -> None:
+    settings_help = "the plot settings as a JSON object (dpi, max_pixels, max_shards)"
+    p = sub.add_parser("plot-data", help="figures of the data before and after preprocessing")
+    p.add_argument("--filtered", required=True, help="data before preprocessing (filtered.npz)")
+    p.add_argument("--preprocessed", required=True, help="data after it (preprocessed.npz)")
+    p.add_argument("--out-dir", required=True, help="directory for the PNGs and figures.json")
+    p.add_argument("--settings", default="{}", metavar="JSON", help=settings_help)
+    p.set_defaults(func=_run_plot_data)
+    p = sub.add_parser("plot-qc", help="one-page QC summary of a dataset")
+    p.add_argument("--input", required=True, help="qc_report.json")
+    p.add_argument("--out-dir", required=True, help="directory for the PNG and figures.json")
+    p.add_argument("--dataset", help="dataset name shown in the title")
+    p.add_argument("--settings", default="{}", metavar="JSON", help=settings_help)
+    p.set_defaults(func=_run_plot_qc)
+    p = sub.add_parser("plot-nlsq", help="figures of the NLSQ fit (heatmaps, g2, residuals, D(t))")
+    p.add_argument("--nlsq-dir", required=True, help="the dataset's NLSQ output directory")
+    p.add_argument("--out-dir", required=True, help="directory for the PNGs and figures.json")
+    p.add_argument("--settings", default="{}", metavar="JSON", help=settings_help)
+    p.set_defaults(func=_run_plot_nlsq)
+    p = sub.add_parser("plot-cmc", help="ArviZ figures of the CMC posterior and its shards")
+    p.add_argument("--cmc-dir", required=True, help="the dataset's CMC output directory")
+    p.add_argument("--shards", required=True, nargs="+", help="shard .nc files")
+    p.add_argument("--nlsq-dir", help="the dataset's NLSQ output directory (values overlaid)")
+    p.add_argument("--out-dir", required=True, help="directory for the PNGs and figures.json")
+    p.add_argument("--settings", default="{}", metavar="JSON", help=settings_help)
+    p.set_defaults(func=_run_plot_cmc)
+    p = sub.add_parser(
+        "write",
+        help="collect every dataset's results into summary.csv and summary.json",
+        description="One row per dataset: mode, NLSQ values ± uncertainties, CMC mean ± sd "
+        "and HDI, reduced χ², R-hat/ESS, QC score, quality flags and output paths. Reads "
+        "only the datasets' JSON records under --results-dir/{dataset}/.",
+    )
+    p.add_argument("--results-dir", required=True, help="directory holding {dataset}/ results")
+    p.add_argument("--datasets", required=True, nargs="+", help="dataset names (one row each)")
+    p.add_argument("--out-csv", required=True, help="summary.csv to write")
+    p.add_argument("--out-json", required=True, help="summary.json to write")
+    p.set_defaults(func=_run_write)
+
+
+def _plot_settings(text: str, stage: str):
+    from homodyne_steps.plot_common import PlotSettings
+    from homodyne_steps.settings import parse_settings_json
+
+    return PlotSettings.from_mapping(parse_settings_json(text, stage))
+
+
+def _report_figures(index: dict, out_dir: str) -> int:
+    print(f"wrote {len(index['figures'])} figures into {out_dir}")
+    return 0
+
+
+def _run_plot_data(args: argparse.Namespace) -> int:
+    from homodyne_steps.plot_data import plot_data_stage
+
+    s = _plot_settings(args.settings, "plot")
+    index = plot_data_stage(args.filtered, args.preprocessed, args.out_dir, s)
+    return _report_figures(index, args.out_dir)
+
+
+def _run_plot_qc(args: argparse.Namespace) -> int:
+    from homodyne_steps.plot_qc import plot_qc_stage
+
+    s = _plot_settings(args.settings, "plot")
+    index = plot_qc_stage(args.input, args.out_dir, s, dataset=args.dataset)
+    return _report_figures(index, args.out_dir)
+
+
+def _run_plot_nlsq(args: argparse.Namespace) -> int:
+    from homodyne_steps.plot_nlsq import plot_nlsq_stage
+
+    s = _plot_settings(args.settings, "plot")
+    return _report_figures(plot_nlsq_stage(args.nlsq_dir, args.out_dir, s), args.out_dir)
+
+
+def _run_plot_cmc(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from homodyne_steps.plot_cmc import plot_cmc_stage
+
+    s = _plot_settings(args.settings, "plot")
+    nlsq = Path(args.nlsq_dir) / "parameters.json" if args.nlsq_dir else None
+    index = plot_cmc_stage(args.cmc_dir, args.shards, args.out_dir, s, nlsq_parameters=nlsq)
+    return _report_figures(index, args.out_dir)
+
+
+def _run_write(args: argparse.Namespace) -> int:
+    from homodyne_steps.write import write_stage
+
+    rows = write_stage(args.results_dir, args.datasets, args.out_csv, args.out_json)
+    print(f"wrote {len(rows)} rows to {args.out_csv} and {args.out_json}")
+    return 0
+
+
 def _add_params(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("params", help="print the parameter registry")
     p.add_argument("--format", choices=["markdown", "json"], default="markdown")
@@ -475,7 +569,9 @@ def pin_threads(n: int) -> None:
     backend start: without this, two concurrent JAX jobs would each use every core.
     Concurrent jobs must also get *different* cores, so each core is claimed with an
     exclusive lock file (released when the process exits, however it exits); if too few
-    are free (oversubscription), the remaining cores are taken by rotation.
+    are free (oversubscription), the remaining cores are taken by rotation. Cores are only
+    ever chosen from the current mask: under Slurm (task/affinity) that is the job's
+    allocation, and with threads = --cpus-per-task (profiles/slurm) nothing changes.
     """
     import fcntl
     import os
@@ -528,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     _add_simulate(sub)
     _add_data_stages(sub)
+    _add_plot_stages(sub)
     _add_params(sub)
     return parser
 

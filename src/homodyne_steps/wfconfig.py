@@ -69,7 +69,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
         "_jax",
     ),
     "plot_data": ("plot_data", "plot_common", "dataset", "settings", "serialise"),
-    "plot_qc": ("plot_qc", "plot_common", "settings", "serialise"),
+    "plot_qc": ("plot_qc", "plot_common", "qc", "settings", "serialise"),
     "plot_nlsq": ("plot_nlsq", "plot_common", "registry", "settings", "serialise"),
     "plot_cmc": ("plot_cmc", "plot_common", "registry", "settings", "serialise"),
     "write": ("write", "registry", "serialise"),

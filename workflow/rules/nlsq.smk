@@ -13,7 +13,9 @@ rule nlsq:
         "logs/{dataset}/nlsq.log",
     conda:
         ENV
-    threads: workflow.cores
+    # Every core of a local run (--cores); a cluster run has no --cores: 4, or the
+    # cluster profile's set-threads.
+    threads: workflow.resource_settings.cores or 4
     params:
         settings=settings_of("nlsq"),
         code=code_fingerprint("nlsq"),

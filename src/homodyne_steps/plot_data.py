@@ -1,0 +1,140 @@
+"""The ``plot_data`` stage: the data before and after preprocessing.
+
+Figures (in ``results/{dataset}/plots/data/``):
+
+- ``c2_data_phi_{angle}deg.png``: per angle, c2(t1, t2) before (``filtered.npz``) and
+  after (``preprocessed.npz``) preprocessing on one colour scale, and after − before.
+  The scale spans the 0.5–99.5 percentiles of the off-diagonal values of both, so the
+  diagonal's shot-noise excess saturates instead of washing out the decay; the third
+  panel shows what preprocessing changed (the diagonal, for the diagonal correction).
+- ``g2_vs_lag.png``: g2 at each lag τ = t2 − t1 (diagonal averages of c2 after
+  preprocessing), one line per angle, τ on a log axis: the decay and the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from matplotlib.ticker import NullLocator
+
+from homodyne_steps.dataset import XpcsData
+from homodyne_steps.errors import DataError
+from homodyne_steps.plot_common import (
+    HeatmapRow,
+    PlotError,
+    PlotSettings,
+    angle_colours,
+    angle_file_names,
+    diagonal_means,
+    new_figure_set,
+    offdiagonal_sample,
+    phi_label,
+    plt,
+    q_label,
+    robust_limits,
+    style,
+)
+
+G2_SIZE = (8.0, 5.0)
+
+
+def _load(path, what: str) -> XpcsData:
+    try:
+        return XpcsData.from_npz(path)
+    except DataError as exc:
+        raise PlotError(f"plot_data: {what}: {exc}") from None
+
+
+def show_before_after(row: HeatmapRow, before: XpcsData, after: XpcsData, k: int) -> None:
+    """Angle ``k`` into ``row``: before | after preprocessing (one colour scale) | after −
+    before (what preprocessing changed, symmetric diverging scale)."""
+    b, a = before.c2_exp[k], after.c2_exp[k]
+    lim = robust_limits(offdiagonal_sample([b, a]))
+    diff = a - b
+    finite = diff[np.isfinite(diff)]
+    span = float(np.max(np.abs(finite))) if finite.size else 0.0
+    span = span if span > 0 else 1e-3
+    changed = int(np.count_nonzero(finite))
+    row.show(
+        [b, a, diff],
+        after.t1,
+        [lim, lim, (-span, span)],
+        ["viridis", "viridis", "RdBu_r"],
+        ["before preprocessing", "after preprocessing", f"after − before ({changed} changed)"],
+        [r"$c_2(t_1, t_2)$", r"$\Delta c_2$"],
+        f"{phi_label(after.phi_angles_list[k])}, {q_label(after.wavevector_q_list[k])}: "
+        r"two-time correlation $c_2$ before and after preprocessing",
+    )
+
+
+def g2_vs_lag(data: XpcsData):
+    """g2(τ) per angle from the diagonal averages of c2 (lag 0, the diagonal, left out)."""
+    g2 = diagonal_means(data.c2_exp)[:, 1:]
+    lag = data.dt * np.arange(1, data.n_t)
+    fig, ax = plt.subplots(figsize=G2_SIZE)
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.11, top=0.93)
+    for k, colour in enumerate(angle_colours(data.n_phi)):
+        ax.plot(lag, g2[k], "-", color=colour, lw=1.3, label=phi_label(data.phi_angles_list[k]))
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())  # ~0.05 s an axis; decades suffice
+    ax.set_xlabel(r"lag $\tau = t_2 - t_1$ (s)")
+    ax.set_ylabel(r"$g_2(\tau)$ = mean of $c_2(t, t + \tau)$ over $t$")
+    ax.set_title(f"g2 vs lag after preprocessing, {q_label(data.q)}")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(ncols=2 if data.n_phi > 6 else 1, title="angle", loc="best")
+    return fig
+
+
+def plot_data_stage(
+    filtered_npz: str | os.PathLike[str],
+    preprocessed_npz: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    settings: PlotSettings | None = None,
+) -> dict[str, Any]:
+    """Write the data figures into ``out_dir``; returns the ``figures.json`` index."""
+    s = settings or PlotSettings()
+    before = _load(filtered_npz, "data before preprocessing")
+    after = _load(preprocessed_npz, "data after preprocessing")
+    if before.c2_exp.shape != after.c2_exp.shape or not np.allclose(
+        before.phi_angles_list, after.phi_angles_list
+    ):
+        raise PlotError(
+            f"plot_data: {filtered_npz} ({before.c2_exp.shape}, angles "
+            f"{before.phi_angles_list.tolist()}) and {preprocessed_npz} "
+            f"({after.c2_exp.shape}, angles {after.phi_angles_list.tolist()}) do not hold "
+            "the same angles and frames"
+        )
+    figs = new_figure_set(out_dir, s, "plot_data")
+    with style():
+        row = HeatmapRow(s.max_pixels)
+        try:
+            for k, name in enumerate(angle_file_names("c2_data", after.phi_angles_list)):
+                show_before_after(row, before, after, k)
+                phi = float(after.phi_angles_list[k])
+                figs.save(
+                    row.fig,
+                    name,
+                    HeatmapRow.SIZE,
+                    f"c2 before and after preprocessing, phi = {phi:.1f} deg",
+                    "c2(t1, t2) of one angle before and after preprocessing on one colour "
+                    "scale (0.5-99.5 percentiles of the off-diagonal values), and their "
+                    "difference (what preprocessing changed)",
+                    close=False,
+                )
+        finally:
+            row.close()
+        figs.save(
+            g2_vs_lag(after),
+            "g2_vs_lag.png",
+            G2_SIZE,
+            "g2 vs lag per angle",
+            "diagonal averages of c2 after preprocessing against the lag (log axis), one "
+            "line per angle",
+        )
+    return figs.finish(
+        inputs={"before": str(filtered_npz), "after": str(preprocessed_npz)},
+        n_angles=after.n_phi,
+        n_frames=after.n_t,
+    )

@@ -1,0 +1,193 @@
+"""The ``plot_qc`` stage: one page per dataset that says how good the data are.
+
+Figure (in ``results/{dataset}/plots/qc/``): ``qc_summary.png``, from ``qc_report.json``:
+the overall score and status, the score at each checkpoint (raw, filtered,
+preprocessed, final) against the pass / warn / excellent thresholds, the points each
+check deducted at the final checkpoint, and the issues, recommendations and repairs
+written out.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from typing import Any
+
+from homodyne_steps.plot_common import (
+    PlotError,
+    PlotSettings,
+    new_figure_set,
+    plt,
+    read_record,
+    status_colour,
+    style,
+)
+from homodyne_steps.qc import DEDUCTIONS
+
+PAGE_SIZE = (11.0, 7.5)
+CHECKPOINTS = ("raw", "filtered", "preprocessed", "final")
+MAX_LINES = 22  # issue/repair lines on the page; the rest is counted
+
+
+def _lines(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(colour, text) lines: final issues, recommendations, repairs, resolved issues."""
+    out: list[tuple[str, str]] = []
+    final = report["checkpoints"].get("final") or {}
+    issues = final.get("issues") or []
+    out.append(("black", f"Issues at the final checkpoint ({len(issues)}):"))
+    for i in issues:
+        colour = status_colour("fail" if i.get("severity") == "error" else "warn")
+        out.append((colour, f"  [{i.get('severity', '?')}] {i.get('message', '')}"))
+    if not issues:
+        out.append((status_colour("good"), "  none"))
+    recs = final.get("recommendations") or []
+    if recs:
+        out.append(("black", "Recommendations:"))
+        out.extend(("0.25", f"  - {r}") for r in recs)
+    repairs = report.get("repairs") or []
+    out.append(("black", f"Repairs applied ({len(repairs)}):"))
+    for r in repairs:
+        where = f"angle {r.get('angle_index')} (phi={r.get('phi', float('nan')):g} deg)"
+        out.append(
+            ("0.25", f"  {r.get('what')}: {where}, {r.get('count')} elements, {r.get('method')}")
+        )
+    if not repairs:
+        out.append((status_colour("good"), "  none needed"))
+    earlier = []
+    final_codes = {(i.get("code"), i.get("angle_index")) for i in issues}
+    for name in CHECKPOINTS[:-1]:
+        for i in (report["checkpoints"].get(name) or {}).get("issues") or []:
+            if (i.get("code"), i.get("angle_index")) not in final_codes:
+                earlier.append(f"  {name}: {i.get('message', '')}")
+    if earlier:
+        out.append(("black", "Found earlier, gone at the final checkpoint:"))
+        out.extend(("0.35", e) for e in dict.fromkeys(earlier))
+    return out
+
+
+def qc_page(report: dict[str, Any], dataset: str | None = None):
+    overall = report["overall"]
+    thresholds = report.get("thresholds") or {}
+    fig = plt.figure(figsize=PAGE_SIZE)
+    w, h = PAGE_SIZE  # margins in inches (a layout engine costs ~0.3 s)
+    gs = fig.add_gridspec(2, 2, height_ratios=[1.0, 0.95], width_ratios=[1.2, 1.0],
+                          left=0.7 / w, right=1 - 0.2 / w, top=1 - 0.6 / h, bottom=0.15 / h,
+                          hspace=0.3, wspace=0.3)  # fmt: skip
+    ax_scores = fig.add_subplot(gs[0, 0])
+    ax_deduct = fig.add_subplot(gs[0, 1])
+    ax_text = fig.add_subplot(gs[1, :])
+
+    # Scores per checkpoint against the thresholds.
+    scores = [(report["checkpoints"].get(c) or {}).get("score") for c in CHECKPOINTS]
+    labels = [(report["checkpoints"].get(c) or {}).get("label") for c in CHECKPOINTS]
+    x = range(len(CHECKPOINTS))
+    bars = ax_scores.bar(
+        x, [s or 0 for s in scores], color=[status_colour(lab) for lab in labels], width=0.6
+    )
+    for b, s, lab in zip(bars, scores, labels, strict=True):
+        ax_scores.text(
+            b.get_x() + b.get_width() / 2,
+            (s or 0) + 1.5,
+            "n/a" if s is None else f"{s:.1f}\n{lab}",
+            ha="center",
+            va="bottom",
+            fontsize=9,
+        )
+    for key, style_ in (("pass", ":"), ("warn", "--"), ("excellent", "-.")):
+        if key in thresholds:
+            ax_scores.axhline(thresholds[key], color="0.3", ls=style_, lw=1)
+            ax_scores.text(
+                len(CHECKPOINTS) + 0.25,
+                thresholds[key] + 0.8,
+                f"{key} {thresholds[key]:g}",
+                va="bottom",
+                ha="right",
+                fontsize=8,
+                color="0.3",
+            )
+    ax_scores.set_xticks(list(x), CHECKPOINTS)
+    ax_scores.set_ylim(0, 118)
+    ax_scores.set_xlim(-0.6, len(CHECKPOINTS) + 0.3)
+    ax_scores.set_ylabel("QC score (0–100)")
+    ax_scores.set_title("score at each checkpoint")
+
+    # Points each check took at the final checkpoint, out of its maximum.
+    deductions = (report["checkpoints"].get("final") or {}).get("deductions") or {}
+    checks = list(DEDUCTIONS) + [k for k in deductions if k not in DEDUCTIONS]
+    y = range(len(checks))
+    top = [DEDUCTIONS[k] if k in DEDUCTIONS else deductions[k] for k in checks]
+    took = [float(deductions.get(k, 0.0)) for k in checks]
+    ax_deduct.barh(y, top, color="0.9", height=0.7)
+    ax_deduct.barh(y, took, color=status_colour("warn"), height=0.7)
+    for k, (t, m) in enumerate(zip(took, top, strict=True)):
+        ax_deduct.text(
+            m + 0.8,
+            k,
+            f"−{t:g}" if t else "passed",
+            va="center",
+            fontsize=8,
+            color=status_colour("warn" if t else "good"),
+        )
+    ax_deduct.set_yticks(list(y), checks, fontsize=8.5)
+    ax_deduct.invert_yaxis()
+    ax_deduct.set_xlim(0, max(top) * 1.3)
+    ax_deduct.set_xlabel("points deducted (grey: the most a check can take)")
+    ax_deduct.set_title("checks at the final checkpoint")
+
+    # Issues, recommendations, repairs.
+    ax_text.set_axis_off()
+    lines = _lines(report)
+    wrapped: list[tuple[str, str]] = []
+    for colour, text in lines:
+        for piece in textwrap.wrap(text, 150, subsequent_indent="      ") or [""]:
+            wrapped.append((colour, piece))
+    if len(wrapped) > MAX_LINES:
+        rest = len(wrapped) - MAX_LINES + 1
+        wrapped = wrapped[: MAX_LINES - 1] + [("0.3", f"... {rest} more lines in qc_report.json")]
+    step = 1.0 / max(MAX_LINES, len(wrapped))
+    for k, (colour, text) in enumerate(wrapped):
+        ax_text.text(
+            0.0,
+            1.0 - k * step,
+            text,
+            color=colour,
+            fontsize=8.5,
+            va="top",
+            family="monospace",
+            transform=ax_text.transAxes,
+        )
+
+    name = f"{dataset}: " if dataset else ""
+    fig.suptitle(
+        f"{name}QC score {overall.get('score', float('nan')):.1f} / 100 — {overall.get('label')} "
+        f"(status {overall.get('status')}, {'passed' if overall.get('passed') else 'FAILED'})",
+        color=status_colour(overall.get("status")),
+        fontsize=14,
+        fontweight="bold",
+    )
+    return fig
+
+
+def plot_qc_stage(
+    qc_report: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    settings: PlotSettings | None = None,
+    *,
+    dataset: str | None = None,
+) -> dict[str, Any]:
+    """Write ``qc_summary.png`` for ``qc_report``; returns the index."""
+    s = settings or PlotSettings()
+    report = read_record(qc_report, "QC report")
+    for key in ("checkpoints", "overall"):
+        if not isinstance(report.get(key), dict):
+            raise PlotError(f"{qc_report}: not a QC report (no {key!r} mapping)")
+    figs = new_figure_set(out_dir, s, "plot_qc")
+    with style():
+        figs.save(
+            qc_page(report, dataset),
+            "qc_summary.png",
+            PAGE_SIZE,
+            "QC summary",
+            "QC score per checkpoint against the thresholds, deductions, issues and repairs",
+        )
+    return figs.finish(inputs={"qc_report": str(qc_report)}, score=report["overall"].get("score"))
