@@ -97,20 +97,26 @@ def test_settings_errors_name_the_key(section, settings, message):
         section.from_mapping(settings)
 
 
-def test_shard_blocks_hold_exactly_the_shards_points_grouped_by_angle(tmp_path):
-    data, truth = reference_data("laminar_flow", n_frames=40, seed=2)
+def fit_and_plan(tmp_path, data, truth, mode, num_shards):
+    """The stages before the shards: data file, NLSQ fit, shard plan (plan.npz)."""
     qc = tmp_path / "qc.npz"
     data.to_npz(qc)
     nlsq_dir = tmp_path / "nlsq"
-    nlsq_stage(qc, nlsq_dir, mode="laminar_flow", L=truth["L"], settings=NlsqSettings())
+    nlsq_stage(qc, nlsq_dir, mode=mode, L=truth["L"], settings=NlsqSettings())
     cmc_plan_stage(
         qc,
         tmp_path / "plan.json",
         tmp_path / "plan.npz",
-        mode="laminar_flow",
+        mode=mode,
         scaling_mode="varpro",
-        settings=ShardingSettings.from_mapping({"num_shards": 3}),
+        settings=ShardingSettings.from_mapping({"num_shards": num_shards}),
     )
+    return qc, nlsq_dir
+
+
+def test_shard_blocks_hold_exactly_the_shards_points_grouped_by_angle(tmp_path):
+    data, truth = reference_data("laminar_flow", n_frames=40, seed=2)
+    qc, nlsq_dir = fit_and_plan(tmp_path, data, truth, "laminar_flow", num_shards=3)
     plan = read_npz(tmp_path / "plan.npz")["indices"]
     nlsq = json.loads((nlsq_dir / "parameters.json").read_text())
     sigma = read_npz(nlsq_dir / "fitted_data.npz")["sigma_per_lag"]
@@ -133,18 +139,7 @@ def test_shard_blocks_hold_exactly_the_shards_points_grouped_by_angle(tmp_path):
 @pytest.mark.slow
 def test_static_reference_posterior_recovers_the_truth(tmp_path):
     data, truth = reference_data(seed=5)
-    qc = tmp_path / "qc.npz"
-    data.to_npz(qc)
-    nlsq_dir = tmp_path / "nlsq"
-    nlsq_stage(qc, nlsq_dir, mode="static", L=truth["L"], settings=NlsqSettings())
-    cmc_plan_stage(
-        qc,
-        tmp_path / "plan.json",
-        tmp_path / "plan.npz",
-        mode="static",
-        scaling_mode="varpro",
-        settings=ShardingSettings.from_mapping({"num_shards": 2}),
-    )
+    qc, nlsq_dir = fit_and_plan(tmp_path, data, truth, "static", num_shards=2)
     sampler = SamplerSettings.from_mapping({"num_warmup": 200, "num_samples": 400})
     shards = []
     for k in range(2):

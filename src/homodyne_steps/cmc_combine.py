@@ -65,6 +65,7 @@ from homodyne_steps.serialise import (
     SerialisationError,
     atomic_path,
     read_json,
+    read_json_object,
     write_json,
     write_npz,
 )
@@ -457,11 +458,9 @@ def read_shard(nc_path: str | os.PathLike[str], json_path: str | os.PathLike[str
     if not nc_path.is_file():
         raise ShardError(f"shard posterior file {nc_path} does not exist")
     try:
-        meta = read_json(json_path)
+        meta = read_json_object(json_path)
     except SerialisationError as exc:
         raise ShardError(f"shard summary: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ShardError(f"{json_path}: expected a JSON object")
     for key in SHARD_JSON_KEYS:
         if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
             raise ShardError(f"{json_path}: key {key!r} must be an integer, got {meta.get(key)!r}")

@@ -33,7 +33,7 @@ from homodyne_steps.errors import ConfigError, DataError  # noqa: E402
 from homodyne_steps.serialise import (  # noqa: E402
     SerialisationError,
     atomic_path,
-    read_json,
+    read_json_object,
     write_json,
 )
 from homodyne_steps.settings import check_keys, get_int  # noqa: E402
@@ -317,12 +317,9 @@ def grid_shape(n: int, max_cols: int = 3) -> tuple[int, int]:
 def read_record(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     """A JSON object from ``path``; a missing or malformed file is a PlotError naming it."""
     try:
-        rec = read_json(path)
+        return read_json_object(path)
     except SerialisationError as exc:
         raise PlotError(f"{what}: {exc}") from None
-    if not isinstance(rec, dict):
-        raise PlotError(f"{what}: {path} must hold a JSON object")
-    return rec
 
 
 def read_arrays(path: str | os.PathLike[str], keys: Sequence[str], what: str) -> dict[str, Any]:

@@ -110,6 +110,14 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise SerialisationError(f"{p} is not valid JSON: {exc}") from None
 
 
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON file that must hold an object (a record), naming the file in any error."""
+    rec = read_json(path)
+    if not isinstance(rec, dict):
+        raise SerialisationError(f"{path}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
 def write_npz(path: str | os.PathLike[str], /, *, compress: bool = False, **arrays: Any) -> Path:
     """Write arrays to an .npz atomically; object arrays are refused.
 

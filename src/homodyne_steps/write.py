@@ -27,7 +27,12 @@ from typing import Any
 
 from homodyne_steps.errors import DataError
 from homodyne_steps.registry import REGISTRY, canonical_mode
-from homodyne_steps.serialise import SerialisationError, atomic_path, read_json, write_json
+from homodyne_steps.serialise import (
+    SerialisationError,
+    atomic_path,
+    read_json_object,
+    write_json,
+)
 
 SCHEMA_VERSION = 1
 RANK = {"good": 0, "warning": 1, "poor": 2}
@@ -69,12 +74,9 @@ def _read(path: Path, what: str, dataset: str, *, required: bool = True) -> dict
             return None
         raise SummaryError(f"dataset {dataset!r}: {what} {path} does not exist (run its stage)")
     try:
-        rec = read_json(path)
+        return read_json_object(path)
     except SerialisationError as exc:
         raise SummaryError(f"dataset {dataset!r}: {exc}") from None
-    if not isinstance(rec, dict):
-        raise SummaryError(f"dataset {dataset!r}: {path} must hold a JSON object")
-    return rec
 
 
 def _get(rec: Mapping[str, Any] | None, *keys: str, path: Path | None = None, default=None):
