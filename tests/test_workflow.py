@@ -13,7 +13,12 @@ import yaml
 
 from conftest import check_figure_dir
 from homodyne_steps.errors import ConfigError
-from homodyne_steps.wfconfig import code_fingerprint, stage_settings, validate_config
+from homodyne_steps.wfconfig import (
+    STAGE_MODULES,
+    code_fingerprint,
+    stage_settings,
+    validate_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -97,23 +102,7 @@ def test_stage_slices_are_canonical_and_minimal():
 
 
 def test_code_fingerprints_name_the_version_and_differ_by_stage():
-    stages = (
-        "simulate",
-        "load",
-        "filter",
-        "preprocess",
-        "qc",
-        "nlsq",
-        "cmc_plan",
-        "cmc_shard",
-        "cmc_combine",
-        "plot_data",
-        "plot_qc",
-        "plot_nlsq",
-        "plot_cmc",
-        "write",
-    )
-    prints = {s: code_fingerprint(s) for s in stages}
+    prints = {s: code_fingerprint(s) for s in STAGE_MODULES}
     assert len(set(prints.values())) == len(prints)
     assert all("+" in p for p in prints.values())
 
