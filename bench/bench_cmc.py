@@ -1,8 +1,12 @@
 """CMC benchmark on the static reference case (3 angles x 200 frames).
 
-Run: ``python bench/bench_cmc.py`` (static reference) and
+Run: ``python bench/bench_cmc.py`` (static reference),
 ``python bench/bench_cmc.py --laminar`` (laminar demo case, sampled coordinates
-compared). Stages run as ``homodyne-steps`` processes, as the workflow runs them:
+compared) and ``python bench/bench_cmc.py --k-invariance [--laminar] [--coords rates,none]``
+(the combined posterior for K = 1, 4, 8, 16 shards on the same data: every physical
+parameter's mean shift from K = 1 in K = 1 posterior sds, and its sd ratio; issue 10 asks
+|shift| < 0.2 and |ratio − 1| < 0.15; shards run HOMODYNE_BENCH_JOBS at a time, default the
+core count). Stages run as ``homodyne-steps`` processes, as the workflow runs them:
 plan, the shards in parallel (one core each, like ``snakemake --cores 2``), combine.
 Effective samples per second = bulk ESS of D0 / wall time of the whole CMC part (plan
 start to combine end). The reference package
@@ -14,6 +18,7 @@ run on the same data (should agree within 20 %).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,8 +43,11 @@ def cmc(
          json.dumps({"analysis_mode": mode, "per_angle_scaling": "varpro",
                      "sharding": sharding})])  # fmt: skip
     k = json.loads((w / "plan.json").read_text())["num_shards"]
-    procs = []
+    procs: list[subprocess.Popen] = []
+    jobs = int(os.environ.get("HOMODYNE_BENCH_JOBS", os.cpu_count() or 1))
     for s in range(k):
+        while sum(p.poll() is None for p in procs) >= jobs:
+            time.sleep(0.2)
         argv = ["homodyne-steps", "--threads", "1", "cmc-shard", "--input", str(d / "qc.npz"),
                 "--plan", str(w / "plan.npz"), "--nlsq-dir", str(d / "nlsq"), "--shard", str(s),
                 "--out-nc", str(w / f"{s}.nc"), "--out-json", str(w / f"{s}.json"),
@@ -87,7 +95,46 @@ def laminar(work: Path) -> None:
               f"{ess / wall:6.1f} {conv['status']:>24s}")  # fmt: skip
 
 
+def k_invariance(work: Path, laminar_case: bool, coords: list[str]) -> None:
+    """Combined posterior for K = 1, 4, 8, 16 on one dataset and one NLSQ result."""
+    if laminar_case:
+        sim = {"mode": "laminar_flow", "n_frames": 300, "noise": 0.02, "seed": 3,
+               "phi_deg": [-30.0, 0.0, 30.0, 60.0, 90.0, 120.0]}  # fmt: skip
+        mode = "laminar_flow"
+    else:
+        sim = {"mode": "static", "n_frames": 300, "noise": 0.02, "seed": 3,
+               "params": {"alpha": -0.1}}  # fmt: skip
+        mode = "static"
+    d, truth = prepare(work, "kinv", sim)
+    nlsq_process(d, truth, work / "cache")
+    sampler = {"num_warmup": 200, "num_samples": 500}
+    print(f"\nK-invariance, {mode} ({len(sim.get('phi_deg', [0, 0, 0]))} angles x "
+          f"{sim['n_frames']} frames): (mean_K - mean_1)/sd_1 and sd_K/sd_1")  # fmt: skip
+    for reparam in coords:
+        ref = None
+        for K in (1, 4, 8, 16):
+            wall, params, _ = cmc(
+                d, f"k_{reparam}_{K}", {"num_shards": K},
+                {**sampler, "reparameterize": reparam}, mode=mode, L=truth["L"],
+            )  # fmt: skip
+            p = params["parameters"]
+            if ref is None:
+                ref = p
+            cells = [f"{(p[n]['mean'] - ref[n]['mean']) / ref[n]['std']:+6.2f} "
+                     f"{p[n]['std'] / ref[n]['std']:5.2f}" for n in p]  # fmt: skip
+            status = params["convergence"]["status"]
+            print(f"{reparam:>13s} K={K:2d} {wall:6.0f} s  " + "  ".join(
+                f"{n}: {c}" for n, c in zip(p, cells, strict=True)) + f"  {status}")  # fmt: skip
+
+
 def main() -> None:
+    if "--k-invariance" in sys.argv:
+        coords = ["rates", "log_reference", "none"]
+        if "--coords" in sys.argv:
+            coords = sys.argv[sys.argv.index("--coords") + 1].split(",")
+        with tempfile.TemporaryDirectory() as tmp:
+            k_invariance(Path(tmp), "--laminar" in sys.argv, coords)
+        return
     if "--laminar" in sys.argv:
         with tempfile.TemporaryDirectory() as tmp:
             laminar(Path(tmp))

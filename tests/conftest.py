@@ -76,7 +76,9 @@ def build_dataset(results: Path, name: str, spec: dict) -> Path:
         cmc / "plan.npz",
         mode=spec["mode"],
         scaling_mode="varpro",
-        settings=ShardingSettings.from_mapping({"num_shards": NUM_SHARDS}),
+        settings=ShardingSettings.from_mapping(
+            {"num_shards": NUM_SHARDS, "min_points_per_parameter": 10}
+        ),
     )
     n_phi = len(truth["phi_deg"])
     ncs, jss = make_set(

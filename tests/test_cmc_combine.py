@@ -27,8 +27,10 @@ from homodyne_steps.cmc_combine import (
     robust_exclusion,
     simple_average,
 )
+from homodyne_steps.cmc_space import make_space
 from homodyne_steps.coordinates import from_rates, split_times, to_rates
 from homodyne_steps.errors import ConfigError, DataError
+from homodyne_steps.registry import REGISTRY
 
 STATIC_TRUTH = {"D0": 1.0e4, "alpha": -0.1, "D_offset": 10.0}
 STATIC_SD = {"D0": 150.0, "alpha": 0.02, "D_offset": 4.0}
@@ -201,49 +203,56 @@ def test_shards_of_different_shapes_are_refused():
         consensus_mc([x, y], labels=[4, 5])
 
 
-def test_robust_exclusion_drops_an_outlier_at_10_mad():
-    # 7 shard means; shard 6 of D0 sits exactly 10 scaled MADs from the median
-    # (median 0, MAD 1 with the outlier included); the rest are within ~1 MAD
-    base = np.array([-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5])
-    means = np.stack([base, base[::-1]], axis=1)
-    means[6, 0] = 10 * 1.4826
-    kept, reasons = robust_exclusion(means, 3.0, names=["D0", "alpha"])
+def _shard_moments(K, p, rng, sd=1.0):
+    """Means and covariances of K homogeneous shards: each mean scatters around the
+    full-data mean (0) with the shard's own covariance, as independent data give."""
+    covs = np.stack([np.eye(p) * sd**2] * K)
+    means = rng.normal(0.0, sd, (K, p))
+    return means, covs
+
+
+def test_outlier_test_drops_a_shard_10_widths_out_and_says_why():
+    means, covs = _shard_moments(7, 2, np.random.default_rng(0))
+    means[6, 0] = 10.0
+    kept, reasons = robust_exclusion(means, covs, 0.01, names=["D0", "alpha"])
     assert kept.tolist() == [True] * 6 + [False]
-    assert reasons[6] is not None and "D0" in reasons[6] and "robust scales" in reasons[6]
+    assert reasons[6] is not None and "Mahalanobis" in reasons[6] and "D0 +" in reasons[6]
     assert all(r is None for r in reasons[:6])
 
 
-def test_robust_exclusion_never_leaves_fewer_than_half():
-    # 5 shards: 0, 1 are outliers in parameter 0 and 2 in parameter 1 -> only 2 would
-    # remain (< half): all are kept and the flagged ones say why
+def test_outlier_test_rarely_excludes_homogeneous_shards():
+    # The family-wise false-exclusion probability is outlier_p_value (0.01): over 300
+    # homogeneous runs of 16 shards, about 3 lose a shard (the old median/MAD rule on
+    # three parameters lost one in most runs).
+    rng = np.random.default_rng(1)
+    runs_with_exclusion = 0
+    for _ in range(300):
+        means, covs = _shard_moments(16, 3, rng)
+        kept, _ = robust_exclusion(means, covs, 0.01)
+        runs_with_exclusion += int(not kept.all())
+    assert runs_with_exclusion <= 9, runs_with_exclusion
+
+
+def test_outlier_test_never_leaves_fewer_than_half():
     means = np.array([[100.0, 0.0], [-100.0, 0.01], [0.0, 50.0], [0.01, -0.01], [-0.01, 0.02]])
-    kept, reasons = robust_exclusion(means, 3.0)
+    covs = np.stack([np.eye(2)] * 5)
+    kept, reasons = robust_exclusion(means, covs, 0.01)
     assert kept.all()
     assert [r is not None for r in reasons] == [True, True, True, False, False]
     assert all("fewer than half" in r for r in reasons[:3])
     # with 3 shards one outlier leaves 2 of 3 (not fewer than half): excluded
-    kept3, _ = robust_exclusion(np.array([[0.0], [0.01], [100.0]]), 3.0)
+    kept3, _ = robust_exclusion(np.array([[0.0], [0.01], [100.0]]), np.ones((3, 1, 1)), 0.01)
     assert kept3.tolist() == [True, True, False]
 
 
-def test_robust_exclusion_mad_floor():
-    # MAD = 0 (4 of 5 means coincide): the odd one is an outlier, all-equal is skipped
-    means = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.5, 2.0]])
-    kept, reasons = robust_exclusion(means, 3.0)
-    assert kept.tolist() == [True, True, True, True, False]
-    kept, reasons = robust_exclusion(np.ones((4, 2)), 3.0)
-    assert kept.all() and reasons == [None] * 4
-
-
-def test_robust_exclusion_width_floor_keeps_shards_that_agree_within_their_widths():
-    # means scatter by 0.01 but each shard posterior is 1 wide: a mean 0.1 away is
-    # 10 MADs out yet well inside the shard widths -> kept when the widths are given
+def test_outlier_test_uses_the_shard_widths():
+    # means scatter by 0.01 but each shard posterior is 1 wide: a mean 0.1 away is well
+    # inside the shard widths -> kept; 6 widths away -> excluded
     means = np.array([[0.0], [0.01], [-0.01], [0.005], [0.1]])
-    assert not robust_exclusion(means, 3.0)[0][4]
-    kept, reasons = robust_exclusion(means, 3.0, shard_stds=np.ones_like(means))
+    kept, reasons = robust_exclusion(means, np.ones((5, 1, 1)), 0.01)
     assert kept.all() and reasons == [None] * 5
-    means[4, 0] = 5.0  # 5 shard widths away: an outlier either way
-    assert robust_exclusion(means, 3.0, shard_stds=np.ones_like(means))[0].tolist() == [
+    means[4, 0] = 6.0
+    assert robust_exclusion(means, np.ones((5, 1, 1)), 0.01)[0].tolist() == [
         True, True, True, True, False
     ]  # fmt: skip
 
@@ -271,7 +280,7 @@ def test_quality_labels():
 def test_settings_round_trip_and_defaults():
     s = CombineSettings.from_mapping(None)
     assert s == CombineSettings()
-    assert s.method == "robust_consensus_mc" and s.mad_threshold == 3.0
+    assert s.method == "robust_consensus_mc" and s.outlier_p_value == 0.01
     t = CombineSettings.from_mapping({"method": "consensus_mc", "ess_warn": 100})
     assert CombineSettings.from_mapping(t.to_mapping()) == t
 
@@ -281,8 +290,9 @@ def test_settings_round_trip_and_defaults():
     [
         ({"bogus": 1}, "cmc.combine.bogus"),
         ({"method": "median"}, "cmc.combine.method"),
-        ({"mad_threshold": "3"}, "cmc.combine.mad_threshold"),
-        ({"mad_threshold": 0}, "cmc.combine.mad_threshold"),
+        ({"mad_threshold": 3.0}, "cmc.combine.mad_threshold: replaced by outlier_p_value"),
+        ({"outlier_p_value": 0}, "cmc.combine.outlier_p_value"),
+        ({"shard_ess_min": -1}, "cmc.combine.shard_ess_min"),
         ({"max_divergence_rate": 1.5}, "cmc.combine.max_divergence_rate"),
         ({"rhat_good": True}, "cmc.combine.rhat_good"),
         ({"rhat_good": 1.2, "rhat_acceptable": 1.1}, "cmc.combine.rhat_acceptable"),
@@ -462,7 +472,7 @@ def test_outlier_and_divergent_shards_are_excluded_and_reported(tmp_path):
     assert outcome.kept == [0, 2, 3, 5]
     report = _strict_json(out / "combination_report.json")
     by = {e["shard"]: e["excluded_by"] for e in report["excluded_shards"]}
-    assert by == {1: "robust_mad", 4: "divergence"}
+    assert by == {1: "outlier", 4: "divergence"}
     analysis = _strict_json(out / "analysis_results_cmc.json")
     recs = " ".join(analysis["sampling_quality"]["recommendations"])
     assert "check shard heterogeneity: shards [1, 4] excluded" in recs
@@ -551,12 +561,14 @@ def test_derived_scaling_is_reported_but_not_assessed(tmp_path):
     assert report["heterogeneity"]["heterogeneous_parameters"] == []
 
 
-def test_rates_shards_are_combined_in_their_sampled_coordinates(tmp_path):
+def test_shards_are_combined_in_the_rates_coordinates(tmp_path):
     # Shards Gaussian in (D_early, alpha, D_late), written in the registry parameters as
-    # the shard stage writes them: the consensus must be the exact Gaussian product in
-    # the sampled coordinates, mapped back.
+    # the shard stage writes them: the consensus must be the Gaussian product in the
+    # combination coordinates, mapped back.
     t_early, t_late = split_times(0.1 * np.arange(1, 201))
     names = ["D0", "alpha", "D_offset"]
+    lo, hi = REGISTRY.bounds(names)
+    space = make_space(names, lo, hi, [1e4, 0, 0], [1e4, 0.5, 1e3], t=0.1 * np.arange(1, 201))
     mean_rates = np.array([8000.0, -0.3, 5500.0])  # (D_early, alpha, D_late) columns
     cov_full = np.array([[400.0, 0.05, 100.0], [0.05, 1e-4, 0.02], [100.0, 0.02, 100.0]])
     K, rng = 2, np.random.default_rng(3)
@@ -576,7 +588,7 @@ def test_rates_shards_are_combined_in_their_sampled_coordinates(tmp_path):
         idata.posterior.attrs.update(
             shard=k, num_shards=K, n_points=1000, analysis_mode="static",
             per_angle_scaling="constant", prior_tempering=1.0 / K, reparameterize="rates",
-            rates_t_early_s=t_early, rates_t_late_s=t_late,
+            sampled_space=space.to_json(),
         )  # fmt: skip
         (tmp_path / "s").mkdir(exist_ok=True)
         nc, js = tmp_path / "s" / f"{k}.nc", tmp_path / "s" / f"{k}.json"
@@ -599,3 +611,86 @@ def test_rates_shards_are_combined_in_their_sampled_coordinates(tmp_path):
         ].mean(),
         rel=0.01,
     )
+
+
+def test_one_stuck_shard_makes_the_run_not_converged_and_is_named(tmp_path):
+    # Consensus gives a stuck shard's wide draws little weight, so the combined R-hat
+    # looks fine; the shard's own R-hat must still fail the run.
+    ncs, jss = make_set(tmp_path / "s", 8, n_draws=200, n_angles=0, per_shard={3: {"stuck": True}})
+    outcome = combine_stage(ncs, jss, tmp_path / "out", CombineSettings(method="consensus_mc"))
+    assert max(outcome.summary["r_hat"]) < 1.1  # hidden in the combination ...
+    assert outcome.status == "not_converged"  # ... but not in the verdict
+    params = _strict_json(tmp_path / "out" / "parameters.json")
+    assert "shards [3] did not converge" in params["convergence"]["summary"]
+    report = _strict_json(tmp_path / "out" / "combination_report.json")
+    assert [e["shard"] for e in report["not_converged_shards"]] == [3]
+    assert "R-hat" in report["not_converged_shards"][0]["problem"]
+    diag = _strict_json(tmp_path / "out" / "diagnostics.json")
+    shards = {s["shard"]: s for s in diag["cmc_specific"]["shard_summary"]}
+    assert shards[3]["converged"] is False and shards[0]["converged"] is True
+
+
+def test_excluded_shards_give_back_their_share_of_the_prior(tmp_path):
+    # Shards Gaussian in the combination coordinates u, with the space recorded; shard 3
+    # is an outlier. The kept shards' product carries π^(3/4); the stage restores the
+    # missing π^(1/4), so the result is N(kept product) × [π·|∂θ/∂u|]^(1/4), computed here
+    # by importance sampling with SciPy's truncated normal.
+    from scipy.stats import truncnorm
+
+    from homodyne_steps.cmc_space import log_abs_det, theta_from_w, w_from_theta
+
+    t = 0.1 * np.arange(1, 201)
+    names = ["D0", "alpha", "D_offset"]
+    lo, hi = np.array([100.0, -2.0, -1e5]), np.array([1e5, 2.0, 1e5])
+    mu_p, sd_p = np.array([1e4, -0.1, 0.0]), np.array([1000.0, 0.02, 300.0])  # informative
+    space = make_space(names, lo, hi, mu_p, sd_p, t=t)
+    u0 = np.asarray(w_from_theta(np.array([1e4, -0.1, 10.0]), space, "rates"))
+    sd_u = np.abs(u0) * np.array([0.01, 0.0, 0.01]) + np.array([0.0, 0.03, 0.0])
+    K, rng = 4, np.random.default_rng(5)
+    cov_k = np.diag((np.sqrt(K) * sd_u) ** 2)
+    means = [u0 + rng.normal(0, sd_u * np.sqrt(K - 1)) for _ in range(K)]
+    means[3] = u0 + 40 * np.sqrt(K) * sd_u  # the outlier
+    (tmp_path / "s").mkdir()
+    ncs, jss = [], []
+    for k in range(K):
+        u = rng.multivariate_normal(means[k], cov_k, size=(2, 3000))
+        theta = np.asarray(theta_from_w(u, space, "rates"))
+        idata = az.from_dict(
+            posterior={n: theta[..., j] for j, n in enumerate(names)},
+            sample_stats={"diverging": np.zeros((2, 3000), dtype=bool)},
+        )
+        idata.posterior.attrs.update(
+            shard=k, num_shards=K, n_points=1000, analysis_mode="static",
+            per_angle_scaling="constant", prior_tempering=1.0 / K,
+            sampled_space=space.to_json(),
+        )  # fmt: skip
+        nc, js = tmp_path / "s" / f"{k}.nc", tmp_path / "s" / f"{k}.json"
+        idata.to_netcdf(str(nc))
+        js.write_text(json.dumps({"shard": k, "num_shards": K, "n_points": 1000}))
+        ncs.append(nc)
+        jss.append(js)
+    outcome = combine_stage(ncs, jss, tmp_path / "out")
+    assert outcome.kept == [0, 1, 2]
+    report = _strict_json(tmp_path / "out" / "combination_report.json")
+    assert report["prior_restoration"]["method"] == "gaussian"
+    assert report["prior_restoration"]["excluded_prior_fraction"] == pytest.approx(0.25)
+    # reference: Gaussian product of the kept shards × [π |J|]^(1/4)
+    prec = sum(np.linalg.inv(cov_k) for _ in range(3))
+    m = np.linalg.solve(prec, sum(np.linalg.inv(cov_k) @ means[k] for k in range(3)))
+    u = rng.multivariate_normal(m, np.linalg.inv(prec), 200_000)
+    theta = np.asarray(theta_from_w(u, space, "rates"))
+    a, b = (lo - mu_p) / sd_p, (hi - mu_p) / sd_p
+    log_w = truncnorm.logpdf(theta, a, b, loc=mu_p, scale=sd_p).sum(-1)
+    log_w = (log_w + np.asarray(log_abs_det(theta, space, "rates"))) / K
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    ref_mean = w @ theta
+    ref_sd = np.sqrt(w @ (theta - ref_mean) ** 2)
+    unrestored = theta.mean(0)
+    assert np.any(np.abs(unrestored - ref_mean) > 0.3 * ref_sd)  # the prior share matters
+    z = (outcome.summary["mean"][:3] - ref_mean) / ref_sd
+    # the restoration is a Laplace approximation: within 0.25 sd of the exact answer where
+    # the missing prior share moves the means by more than 0.3 sd (the prior here is as
+    # informative as the data)
+    assert np.all(np.abs(z) < 0.25), (z, outcome.summary["mean"][:3], ref_mean, ref_sd)
+    np.testing.assert_allclose(outcome.summary["std"][:3], ref_sd, rtol=0.1)

@@ -37,7 +37,7 @@ TINY = {
         "tiny": {"mode": "static", "n_frames": 50, "phi_deg": [0.0, 45.0, 90.0], "n_q_rings": 1}
     },
     "cmc": {
-        "sharding": {"num_shards": 2},
+        "sharding": {"num_shards": 2, "min_points_per_parameter": 100},
         "sampler": {"num_warmup": 20, "num_samples": 20, "num_chains": 1},
         "resources": {"threads": 1, "mem_mb": 1500, "runtime": 7},
     },

@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import DATASETS
@@ -106,6 +107,39 @@ def test_flags_name_what_needs_attention(results_tree, tmp_path):
     assert "cmc_not_run" in row["flags"] and "nlsq_at_bound:D_offset" in row["flags"]
     assert row["cmc_status"] is None and row["cmc_D0_mean"] is None
     assert read_csv(tmp_path / "s.csv")[0]["cmc_D0_mean"] == ""
+
+
+def test_scaling_out_of_range_is_flagged(results_tree, tmp_path):
+    """A real NLSQ record whose angle 1 has c2 rising with lag (varpro contrast < 0): the
+    summary names the angle and the quantity, and the quality is at least warning even
+    when the record's own quality flag says good."""
+    from homodyne_steps.dataset import XpcsData
+    from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
+
+    results = tmp_path / "results"
+    shutil.copytree(results_tree / "sta", results / "sta")
+    shutil.rmtree(results / "sta" / "cmc")
+    nlsq_dir = results / "sta" / "nlsq"
+    data = XpcsData.from_npz(results / "sta" / "data" / "qc.npz")
+    c2 = np.array(data.c2_exp)
+    c2[1] = 2.0 * np.median(c2[1]) - c2[1]  # mirrored: the correlation rises with lag
+    data.replace(c2_exp=c2).to_npz(tmp_path / "mirrored.npz")
+    L = load(nlsq_dir / "analysis_results_nlsq.json")["dataset_info"]["L"]
+    nlsq_stage(tmp_path / "mirrored.npz", nlsq_dir, mode="static", L=L, settings=NlsqSettings())
+    phi = data.phi_angles_list[1]
+    (flag,) = load(nlsq_dir / "parameters.json")["per_angle"][1]["flags"]
+    assert flag["flag"] == "contrast_out_of_range" and flag["value"] < 0
+    row = write_stage(results, ["sta"], tmp_path / "s.csv", tmp_path / "s.json")[0]
+    assert f"nlsq_scaling_out_of_range:contrast@phi={phi:g}" in row["flags"].split(";")
+    assert row["quality"] in ("warning", "poor")
+    nested = load(tmp_path / "s.json")["datasets"][0]
+    assert nested["nlsq"]["quality_flag"] == "warning"
+    # An older record that rated itself good is still at least a warning here.
+    analysis = load(nlsq_dir / "analysis_results_nlsq.json")
+    analysis["fit_quality"]["quality_flag"] = "good"
+    (nlsq_dir / "analysis_results_nlsq.json").write_text(json.dumps(analysis))
+    write_stage(results, ["sta"], tmp_path / "s.csv", tmp_path / "s.json")
+    assert load(tmp_path / "s.json")["datasets"][0]["nlsq"]["quality_flag"] == "warning"
 
 
 def test_missing_records_are_clear_errors(results_tree, tmp_path, capsys):

@@ -58,7 +58,14 @@ from typing import Any
 
 import numpy as np
 
-from homodyne_steps.coordinates import from_rates, to_rates
+from homodyne_steps.cmc_space import (
+    COMBINATION,
+    SampledSpace,
+    missing_prior_log_density,
+    space_from_attrs,
+    theta_from_w,
+    w_from_theta,
+)
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.registry import REGISTRY, canonical_mode
 from homodyne_steps.serialise import (
@@ -84,9 +91,6 @@ OUTPUT_FILES = (
 )
 SCALING_VARIABLES = ("contrast", "offset")
 SAMPLED_SCALING_MODES = ("individual",)  # per_angle_scaling modes that sample c, o per angle
-MAD_SCALE = 1.4826  # MAD of a normal distribution × 1.4826 = its standard deviation
-MAD_FLOOR_SD = 1.0  # robust scale >= this × the median shard posterior std (stage)
-MAD_FLOOR_FRACTION = 0.01  # scale when still 0: this fraction of the range of the means
 BFMI_WARN = 0.3  # energy BFMI below this: the sampler explores the energy poorly
 HETEROGENEITY_P = 1e-3  # p-value of the shard-mean χ² below which shards disagree
 NLSQ_Z_WARN = 3.0  # |z| of CMC mean − NLSQ value above which the two disagree
@@ -105,24 +109,37 @@ class ShardError(DataError):
 @dataclass(frozen=True)
 class CombineSettings:
     method: str = "robust_consensus_mc"
-    mad_threshold: float = 3.0
+    outlier_p_value: float = 0.01
     max_divergence_rate: float = 0.1
     rhat_good: float = 1.05
     rhat_acceptable: float = 1.1
     ess_warn: float = 400.0
+    shard_ess_min: float = 100.0
 
     @classmethod
     def from_mapping(
         cls, m: Mapping[str, Any] | None, where: str = "cmc.combine"
     ) -> CombineSettings:
         m = {} if m is None else m
+        if "mad_threshold" in m:
+            raise ConfigError(
+                f"{where}.mad_threshold: replaced by outlier_p_value (the probability that a "
+                "homogeneous run loses any shard to the outlier test, default 0.01); the "
+                "median-and-MAD rule excluded 4-11 % of honest shards"
+            )
         check_keys(m, {f.name for f in cls.__dataclass_fields__.values()}, where)
         m = dict(m)
         d = cls()
         s = cls(
             method=get_choice(m, "method", d.method, METHODS, where),
-            mad_threshold=get_number(
-                m, "mad_threshold", d.mad_threshold, where, minimum=0.0, exclusive_minimum=True
+            outlier_p_value=get_number(
+                m,
+                "outlier_p_value",
+                d.outlier_p_value,
+                where,
+                minimum=0.0,
+                exclusive_minimum=True,
+                maximum=0.5,
             ),
             max_divergence_rate=get_number(
                 m, "max_divergence_rate", d.max_divergence_rate, where, minimum=0.0, maximum=1.0
@@ -130,6 +147,7 @@ class CombineSettings:
             rhat_good=get_number(m, "rhat_good", d.rhat_good, where, minimum=1.0),
             rhat_acceptable=get_number(m, "rhat_acceptable", d.rhat_acceptable, where, minimum=1.0),
             ess_warn=get_number(m, "ess_warn", d.ess_warn, where, minimum=0.0),
+            shard_ess_min=get_number(m, "shard_ess_min", d.shard_ess_min, where, minimum=0.0),
         )
         if s.rhat_acceptable < s.rhat_good:
             raise ConfigError(
@@ -244,65 +262,63 @@ def simple_average(
 
 def robust_exclusion(
     shard_means: np.ndarray,
-    threshold: float,
+    shard_covs: np.ndarray,
+    p_value: float,
     *,
-    shard_stds: np.ndarray | None = None,
     names: Sequence[str] | None = None,
     labels: Sequence[Any] | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Flag shards whose posterior mean is an outlier; return ``(kept, reasons)``.
 
-    A shard is an outlier when, for any parameter, ``|mean_k − median| > threshold ×
-    1.4826 × MAD`` over shards. MAD floors:
-
-    - with ``shard_stds`` (K, p) (the stage passes the shards' posterior standard
-      deviations), the scale is at least ``MAD_FLOOR_SD`` × the median shard posterior
-      std of that parameter. Shards of homogeneous data have means that scatter by about
-      their posterior width; with few shards (or means that agree far better than that,
-      e.g. when the scatter is only Monte Carlo noise) the MAD alone is tiny and noisy
-      and would exclude honest shards.
-    - when the scale is still 0 (more than half of the shard means coincide) it becomes
-      1 % of the range of the means, so a shard that differs from the coinciding
-      majority is an outlier; a parameter whose means are all equal is skipped.
+    Judged on the sampled physical parameters in the combination coordinates, where the
+    shard posteriors are near-Gaussian. Each shard sees 1/K of the data, so under
+    homogeneity its mean scatters around the full-data mean with about its own
+    posterior covariance Σ_k; the median of the K means (the robust centre) adds
+    about (π/2)/K of that. A shard is an outlier when its squared Mahalanobis distance
+    from the median, d² = δᵀ Σ_k⁻¹ δ / (1 + (π/2 − 1)/K), exceeds the χ²(p) quantile at
+    1 − ``p_value``/K (Bonferroni): a homogeneous run then loses any shard with
+    probability about ``p_value``.
 
     ``reasons[k]`` is None for an unflagged shard, otherwise why it was flagged. When
     excluding the flagged shards would leave fewer than half of them, all are kept
     (``kept`` all True) and the reasons of the flagged shards end in "kept: ..." — the
     caller reports heterogeneity instead of combining a minority.
     """
+    from scipy.stats import chi2 as chi2_dist
+
     means = np.asarray(shard_means, dtype=np.float64)
-    if means.ndim != 2:
-        raise ValueError(f"shard_means must have shape (K, p), got {means.shape}")
+    covs = np.asarray(shard_covs, dtype=np.float64)
+    if means.ndim != 2 or covs.shape != (*means.shape, means.shape[1]):
+        raise ValueError(
+            f"shard_means must be (K, p) and shard_covs (K, p, p); got {means.shape}, {covs.shape}"
+        )
     K, p = means.shape
     names = list(names) if names is not None else [f"param_{j}" for j in range(p)]
     labels = list(labels) if labels is not None else list(range(K))
     reasons: list[str | None] = [None] * K
     if K < 3:  # with two shards the median sits halfway: nobody can be an outlier
         return np.ones(K, dtype=bool), reasons
-    median = np.median(means, axis=0)
-    mad = np.median(np.abs(means - median), axis=0)
-    spread = means.max(axis=0) - means.min(axis=0)
-    scale = MAD_SCALE * mad
-    if shard_stds is not None:
-        stds = np.asarray(shard_stds, dtype=np.float64)
-        if stds.shape != means.shape:
-            raise ValueError(f"shard_stds must have shape {means.shape}, got {stds.shape}")
-        scale = np.maximum(scale, MAD_FLOOR_SD * np.median(stds, axis=0))
-    scale = np.where(scale > 0, scale, MAD_FLOOR_FRACTION * spread)
+    centre = np.median(means, axis=0)
+    inflate = 1.0 + (math.pi / 2 - 1.0) / K
+    threshold = float(chi2_dist.isf(p_value / K, p))
     for k in range(K):
-        parts = []
-        for j in range(p):
-            if scale[j] <= 0:
-                continue
-            dist = abs(means[k, j] - median[j]) / scale[j]
-            if dist > threshold:
-                parts.append(
-                    f"mean of {names[j]} = {means[k, j]:.6g} is {dist:.3g} robust scales "
-                    f"({scale[j]:.3g}: 1.4826·MAD, floored) from the median {median[j]:.6g} "
-                    f"over shards (threshold {threshold:g})"
-                )
-        if parts:
-            reasons[k] = "; ".join(parts)
+        delta = means[k] - centre
+        sd = np.sqrt(np.diag(covs[k]))
+        try:
+            d2 = float(delta @ np.linalg.solve(covs[k], delta)) / inflate
+        except np.linalg.LinAlgError:
+            d2 = float(np.sum((delta / sd) ** 2)) / inflate
+        if not d2 > threshold:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = delta / sd
+        worst = np.argsort(-np.abs(z))[: min(3, p)]
+        parts = ", ".join(f"{names[j]} {z[j]:+.2g} sd" for j in worst)
+        reasons[k] = (
+            f"its mean lies {math.sqrt(d2):.3g} (Mahalanobis, shard covariance) from the median "
+            f"of the shard means, beyond {math.sqrt(threshold):.3g} (χ²({p}) at 1 − "
+            f"{p_value:g}/{K}); largest deviations: {parts}"
+        )
     flagged = np.array([r is not None for r in reasons])
     kept = ~flagged
     if kept.sum() < K / 2:
@@ -395,8 +411,9 @@ class Shard:
     nc_path: Path
     json_path: Path
     ignored_variables: list[str] = field(default_factory=list)
-    # (early, late) times (s) of the ``rates`` coordinates the shard was sampled in
-    rates_times: tuple[np.ndarray, np.ndarray] | None = None
+    # what the shard sampled (its leading columns), priors and coordinates; None for
+    # shard files that do not record it (then the columns are combined as they are)
+    space: SampledSpace | None = None
 
     @property
     def scaling_derived(self) -> bool:
@@ -405,7 +422,9 @@ class Shard:
 
     @property
     def n_joint(self) -> int:
-        """Leading columns combined jointly (physical, plus sampled per-angle scaling)."""
+        """Leading columns combined jointly: the sampled ones."""
+        if self.space is not None:
+            return self.space.size
         return len(self.physical) if self.scaling_derived else len(self.names)
 
     @property
@@ -504,15 +523,40 @@ def read_shard(nc_path: str | os.PathLike[str], json_path: str | os.PathLike[str
         raise ShardError(
             f"{nc_path}: posterior lacks {missing}; {mode} mode needs {list(expected)}"
         )
-    columns, names = [], []
-    for n in expected:
-        da = post[n]
-        if set(da.dims) != {"chain", "draw"}:
-            raise ShardError(f"{nc_path}: {n!r} must have dims (chain, draw), got {da.dims}")
-        columns.append(
-            np.asarray(da.transpose("chain", "draw").values, dtype=np.float64)[..., None]
+    try:
+        space = space_from_attrs(attrs)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShardError(
+            f"{nc_path}: posterior attribute 'sampled_space' is unreadable: {exc}"
+        ) from None
+    if space is not None and tuple(space.names[: len(expected)]) != tuple(expected):
+        raise ShardError(
+            f"{nc_path}: the sampled space {list(space.names)} does not start with the "
+            f"{mode} parameters {list(expected)}"
         )
-        names.append(n)
+    columns, names = [], []
+    sampled_vars: set[str] = set()
+    if space is not None:
+        for name, (var, idx) in zip(space.names, space.columns, strict=True):
+            if var not in variables:
+                raise ShardError(f"{nc_path}: posterior lacks the sampled variable {var!r}")
+            da = post[var]
+            other = [d for d in da.dims if d not in ("chain", "draw")]
+            values = np.asarray(da.transpose("chain", "draw", *other).values, dtype=np.float64)
+            if (idx is None) != (values.ndim == 2) or (idx is not None and idx >= values.shape[2]):
+                raise ShardError(f"{nc_path}: {var!r} has dims {da.dims}; cannot hold {name}")
+            columns.append(values[..., None] if idx is None else values[..., idx : idx + 1])
+            names.append(name)
+            sampled_vars.add(var)
+    else:
+        for n in expected:
+            da = post[n]
+            if set(da.dims) != {"chain", "draw"}:
+                raise ShardError(f"{nc_path}: {n!r} must have dims (chain, draw), got {da.dims}")
+            columns.append(
+                np.asarray(da.transpose("chain", "draw").values, dtype=np.float64)[..., None]
+            )
+            names.append(n)
     scaling: dict[str, int] = {}
     angle_coords: list[Any] = []
     for n in SCALING_VARIABLES:
@@ -525,6 +569,8 @@ def read_shard(nc_path: str | os.PathLike[str], json_path: str | os.PathLike[str
         values = np.asarray(da.transpose("chain", "draw", extra[0]).values, dtype=np.float64)
         scaling[n] = values.shape[2]
         angle_coords = [c.item() if hasattr(c, "item") else c for c in da[extra[0]].values]
+        if n in sampled_vars:
+            continue
         columns.append(values)
         names.extend(f"{n}_{a}" for a in range(values.shape[2]))
     try:
@@ -539,19 +585,11 @@ def read_shard(nc_path: str | os.PathLike[str], json_path: str | os.PathLike[str
         for key in SAMPLE_STATS:
             if key in ss:
                 stats[key] = np.asarray(ss[key].values)
-    ignored = [v for v in variables if v not in names and v not in expected and v not in scaling]
-    rates_times = None
-    if attrs.get("reparameterize") == "rates":
-        try:
-            rates_times = tuple(
-                np.atleast_1d(np.asarray(attrs[k], dtype=np.float64))
-                for k in ("rates_t_early_s", "rates_t_late_s")
-            )
-        except (KeyError, TypeError, ValueError):
-            raise ShardError(
-                f"{nc_path}: sampled in 'rates' coordinates but the attributes "
-                "rates_t_early_s / rates_t_late_s that define them are missing or not numbers"
-            ) from None
+    ignored = [
+        v
+        for v in variables
+        if v not in names and v not in expected and v not in scaling and v not in sampled_vars
+    ]
     return Shard(
         index=index,
         num_shards=num_shards,
@@ -569,7 +607,7 @@ def read_shard(nc_path: str | os.PathLike[str], json_path: str | os.PathLike[str
         nc_path=nc_path,
         json_path=json_path,
         ignored_variables=ignored,
-        rates_times=rates_times,
+        space=space,
     )
 
 
@@ -609,15 +647,11 @@ def check_shard_set(shards: Sequence[Shard]) -> None:
     for attr in ("num_shards", "analysis_mode", "per_angle_scaling", "names"):
         _differ(attr)
 
-    def _same_times(a, b) -> bool:
-        if a is None or b is None:
-            return a is b
-        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-
-    if not all(_same_times(sh.rates_times, first.rates_times) for sh in shards):
+    spaces = {None if sh.space is None else sh.space.to_json() for sh in shards}
+    if len(spaces) > 1:
         raise ShardError(
-            "shards do not belong together: they were sampled in different coordinates "
-            "(reparameterize / rates times differ)"
+            "shards do not belong together: they sampled different spaces (parameters, "
+            "bounds, priors or time windows differ)"
         )
     K = first.num_shards
     indices = [s.index for s in shards]
@@ -676,13 +710,14 @@ class Selection:
 
     kept: list[Shard]
     excluded: dict[int, str]  # shard index -> reason
-    excluded_by: dict[int, str]  # shard index -> "divergence" | "robust_mad"
+    excluded_by: dict[int, str]  # shard index -> "divergence" | "outlier"
     flagged_kept: dict[int, str]
 
 
 def select_shards(shards: Sequence[Shard], settings: CombineSettings) -> Selection:
-    """The divergence filter, then (``robust_consensus_mc`` only) the robust MAD filter
-    on the shards that passed it."""
+    """The divergence filter, then (``robust_consensus_mc`` only) the outlier test on
+    the shards that passed it, on the sampled physical parameters of ``shards``' draws
+    (the stage passes them in the combination coordinates)."""
     sel = Selection(kept=list(shards), excluded={}, excluded_by={}, flagged_kept={})
 
     def apply(keep: np.ndarray, reasons: list[str | None], stage: str) -> None:
@@ -703,15 +738,199 @@ def select_shards(shards: Sequence[Shard], settings: CombineSettings) -> Selecti
         "divergence",
     )
     if settings.method == "robust_consensus_mc":
+        n_phys = len(sel.kept[0].physical)
+        flat = [sh.draws[..., :n_phys].reshape(-1, n_phys) for sh in sel.kept]
         keep, reasons = robust_exclusion(
-            np.stack([sh.mean for sh in sel.kept]),
-            settings.mad_threshold,
-            shard_stds=np.stack([sh.std for sh in sel.kept]),
-            names=sel.kept[0].names,
+            np.stack([f.mean(axis=0) for f in flat]),
+            np.stack([np.atleast_2d(np.cov(f, rowvar=False)) for f in flat]),
+            settings.outlier_p_value,
+            names=sel.kept[0].names[:n_phys],
             labels=[sh.index for sh in sel.kept],
         )
-        apply(keep, reasons, "robust_mad")
+        apply(keep, reasons, "outlier")
     return sel
+
+
+# ---------------------------------------------------------------------------------------
+# Coordinates, prior restoration and per-shard convergence
+# ---------------------------------------------------------------------------------------
+def to_combination(
+    draws: np.ndarray, space: SampledSpace | None, n_joint: int, label: Any = None
+) -> np.ndarray:
+    """Draws with their first ``n_joint`` (sampled) columns in the combination
+    coordinates; unchanged without a recorded space."""
+    if space is None:
+        return draws
+    out = np.array(draws, dtype=np.float64, copy=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[..., :n_joint] = np.asarray(w_from_theta(draws[..., :n_joint], space, COMBINATION))
+    if not np.all(np.isfinite(out[..., :n_joint])):
+        raise ShardError(
+            f"shard {label}: draws on or outside the parameter bounds cannot be mapped to the "
+            "combination coordinates"
+        )
+    return out
+
+
+def from_combination(draws: np.ndarray, space: SampledSpace | None, n_joint: int) -> np.ndarray:
+    """Inverse of :func:`to_combination`."""
+    if space is None:
+        return draws
+    out = np.array(draws, dtype=np.float64, copy=True)
+    out[..., :n_joint] = np.asarray(theta_from_w(draws[..., :n_joint], space, COMBINATION))
+    return out
+
+
+def restore_prior(
+    draws_u: np.ndarray, space: SampledSpace | None, n_joint: int, fraction: float
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Put back the prior share ``fraction`` that excluded shards took with them.
+
+    The kept shards' product carries [π·|∂θ/∂u|]^(1 − fraction). The combination, a
+    Gaussian N(m, S) in the combination coordinates u, is multiplied by exp(f(u)),
+    f = fraction·log[π·|∂θ/∂u|], and replaced by the Laplace approximation of the
+    product (its mode by Newton's method, its covariance from the Hessian there). Every
+    draw is moved by the affine map between the two Gaussians, so draws stay paired
+    (chains and R-hat keep their meaning).
+    """
+    record: dict[str, Any] = {"excluded_prior_fraction": fraction}
+    if space is None:
+        record["method"] = "none"
+        record["summary"] = (
+            f"excluded shards took {fraction:.3g} of the prior with them; it was not restored "
+            "(the shard files record no sampled space)"
+        )
+        return draws_u, record
+    from homodyne_steps._jax import jax, jnp
+
+    u = draws_u[..., :n_joint].reshape(-1, n_joint)
+    m = u.mean(axis=0)
+    cov = np.atleast_2d(np.cov(u, rowvar=False))
+
+    def f(x):
+        return missing_prior_log_density(x, space, fraction)
+
+    # Laplace approximation of N(m, S)·exp(f): Newton's method for its mode (a few
+    # steps; one step suffices when the missing prior share is nearly quadratic)
+    sd = np.sqrt(np.diag(cov))
+    cov_s = cov / np.outer(sd, sd)
+    inv_cov_s = np.linalg.inv(cov_s)
+
+    def objective(x):
+        y = (x - jnp.asarray(m)) / jnp.asarray(sd)
+        return -0.5 * y @ (jnp.asarray(inv_cov_s) @ y) + f(x)
+
+    value_grad = jax.value_and_grad(objective)
+    hessian = jax.hessian(objective)
+    x, ok = m.copy(), True
+    for _ in range(20):
+        value, grad = (np.asarray(v) for v in value_grad(jnp.asarray(x)))
+        hess = np.atleast_2d(np.asarray(hessian(jnp.asarray(x))))
+        if not (np.isfinite(value) and np.all(np.isfinite(grad)) and np.all(np.isfinite(hess))):
+            ok = False
+            break
+        precision_s = -0.5 * (hess + hess.T) * np.outer(sd, sd)
+        evals, evecs = np.linalg.eigh(precision_s)
+        if evals[0] <= 0:
+            ok = False
+            break
+        step = sd * ((evecs / evals) @ evecs.T @ (grad * sd))
+        for _half in range(30):  # backtrack until the objective rises
+            if np.asarray(objective(jnp.asarray(x + step))) >= value:
+                break
+            step = step / 2
+        x = x + step
+        if np.max(np.abs(step / sd)) < 1e-6:
+            break
+    m_new = x
+    if ok:
+        hess = np.atleast_2d(np.asarray(hessian(jnp.asarray(x))))
+        evals, evecs = np.linalg.eigh(-0.5 * (hess + hess.T) * np.outer(sd, sd))
+        ok = bool(np.all(np.isfinite(evals)) and evals[0] > 0)
+    if not ok:
+        record["method"] = "none"
+        record["summary"] = (
+            f"excluded shards took {fraction:.3g} of the prior with them; it could not be "
+            "restored (the prior is not smooth and log-concave near the combined mean)"
+        )
+        return draws_u, record
+    cov_new_s = (evecs / evals) @ evecs.T
+    # u' = m' + A (u − m) with A Aᵀ-consistent square roots of the two covariances
+    transform_s = np.linalg.cholesky(cov_new_s) @ np.linalg.inv(np.linalg.cholesky(cov_s))
+    transform = transform_s * sd[:, None] / sd[None, :]
+    out = np.array(draws_u, copy=True)
+    out[..., :n_joint] = m_new + (draws_u[..., :n_joint] - m) @ transform.T
+    shift = (m_new - m) / sd
+    sd_ratio = np.sqrt(np.diag(cov_new_s))
+    record.update(
+        {
+            "method": "gaussian",
+            "coordinates": COMBINATION,
+            "max_mean_shift_sd": float(np.max(np.abs(shift))),
+            "sd_ratio_range": [float(sd_ratio.min()), float(sd_ratio.max())],
+            "summary": (
+                f"excluded shards took {fraction:.3g} of the prior with them; restored by "
+                "multiplying the combination by that share of the prior (Gaussian, in the "
+                f"combination coordinates): means moved by up to {np.max(np.abs(shift)):.2g} "
+                f"sd, sds scaled by {sd_ratio.min():.3g}-{sd_ratio.max():.3g}"
+            ),
+        }
+    )
+    return out, record
+
+
+def shard_convergence(shard: Shard, settings: CombineSettings) -> dict[str, Any]:
+    """R-hat and ESS of one shard's sampled parameters, and what is wrong if anything.
+
+    A shard whose chains disagree (R-hat > rhat_acceptable) or whose ESS is below
+    ``shard_ess_min`` did not sample its posterior; consensus would give its wide or
+    bimodal draws little weight, hiding the failure in the combined R-hat.
+    """
+    import warnings
+
+    import arviz as az
+
+    n = shard.n_joint
+    names = shard.names[:n]
+    idata = _flat_idata(shard.draws[..., :n], names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rhat = az.rhat(idata) if shard.draws.shape[0] > 1 else None
+        ess_b = az.ess(idata, method="bulk")
+        ess_t = az.ess(idata, method="tail")
+
+    def col(ds) -> list[float | None]:
+        return [_num(float(ds[x].values)) for x in names]
+
+    r = col(rhat) if rhat is not None else [None] * n
+    eb, et = col(ess_b), col(ess_t)
+    problems = []
+    bad_r = [(x, v) for x, v in zip(names, r, strict=True) if v and v > settings.rhat_acceptable]
+    if bad_r:
+        problems.append(
+            "R-hat "
+            + ", ".join(f"{x} {v:.3g}" for x, v in bad_r)
+            + f" > {settings.rhat_acceptable:g} (its chains disagree)"
+        )
+    ess = [
+        min((e for e in pair if e is not None), default=None) for pair in zip(eb, et, strict=True)
+    ]
+    bad_e = [
+        (x, e) for x, e in zip(names, ess, strict=True) if e is None or e < settings.shard_ess_min
+    ]
+    if bad_e:
+        problems.append(
+            "ESS "
+            + ", ".join(f"{x} {'undefined' if e is None else f'{e:.0f}'}" for x, e in bad_e)
+            + f" < shard_ess_min {settings.shard_ess_min:g}"
+        )
+    finite_r = [v for v in r if v is not None]
+    finite_e = [e for e in ess if e is not None]
+    return {
+        "max_r_hat": max(finite_r) if finite_r else None,
+        "min_ess": min(finite_e) if finite_e else None,
+        "problem": "; ".join(problems) or None,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -764,20 +983,6 @@ def shard_bfmi(shard: Shard) -> np.ndarray | None:
         return np.asarray(az.bfmi(energy), dtype=np.float64)
 
 
-def shard_max_rhat(shard: Shard) -> float | None:
-    import warnings
-
-    import arviz as az
-
-    if shard.draws.shape[0] < 2:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ds = az.rhat(_flat_idata(shard.draws, shard.names))
-    vals = np.array([float(ds[n].values) for n in shard.names])
-    return _num(np.nanmax(vals)) if np.any(np.isfinite(vals)) else None
-
-
 def _num(x: Any) -> float | None:
     """A finite float, else None (JSON null)."""
     try:
@@ -817,10 +1022,13 @@ def assess_quality(
     excluded: Mapping[int, str] | None = None,
     flagged_kept: Mapping[int, str] | None = None,
     heterogeneous: Sequence[str] = (),
+    stuck_shards: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
     """Labels per parameter, an overall status, and plain-language warnings/advice.
 
-    Status: ``not_converged`` when any R-hat is > rhat_acceptable or undefined;
+    Status: ``not_converged`` when any R-hat is > rhat_acceptable or undefined, or any
+    shard did not converge on its own (``stuck_shards``: the combined draws of a stuck
+    shard can look well mixed, because consensus gives its wide posterior little weight);
     ``converged_with_warnings`` when any R-hat is only acceptable, an ESS is below
     ``ess_warn``, there are divergences, low BFMI, excluded or disagreeing shards;
     ``converged`` otherwise.
@@ -907,13 +1115,21 @@ def assess_quality(
             "allow (χ² p-value < {:g}): the shards disagree".format(HETEROGENEITY_P)
         )
         rec("check shard heterogeneity (data differ between shards, or the model misfits)")
+    for k, problem in sorted((stuck_shards or {}).items()):
+        warnings_.append(f"shard {k} did not converge: {problem}")
+        rec(f"rerun shard {k} with more warmup/samples, or check its trace plots")
     poor = [n for n, lab in zip(names, labels, strict=True) if lab in ("poor", "unknown")]
-    all_converged = not poor
-    if poor:
+    all_converged = not poor and not stuck_shards
+    if not all_converged:
         status = "not_converged"
+        parts = []
+        if poor:
+            parts.append(f"R-hat is above {settings.rhat_acceptable:g} or undefined for {poor}")
+        if stuck_shards:
+            parts.append(f"shards {sorted(stuck_shards)} did not converge on their own")
         summary_text = (
-            f"NOT CONVERGED: R-hat is above {settings.rhat_acceptable:g} or undefined for "
-            f"{poor}. Do not use these estimates; re-run with more warmup/samples."
+            f"NOT CONVERGED: {'; '.join(parts)}. Do not use these estimates; re-run with "
+            "more warmup/samples."
         )
         flag = "poor"
     elif warnings_:
@@ -1064,15 +1280,14 @@ def combine_stage(
     nlsq_path = Path(nlsq_parameters) if nlsq_parameters is not None else None
     nlsq_rec = _read_nlsq(nlsq_path, mode) if nlsq_path is not None else None
 
-    # -- exclusion and combination in the sampled coordinates -----------------------------
-    # Shards sampled in the ``rates`` coordinates are near-Gaussian there and curved in
-    # (amplitude, offset): the Gaussian consensus and the MAD filter belong in the former.
-    rates = first.rates_times
-
-    def sampled(draws: np.ndarray) -> np.ndarray:
-        return draws if rates is None else to_rates(draws, list(names), *rates)
-
-    selection = select_shards([replace(sh, draws=sampled(sh.draws)) for sh in shards], s)
+    # -- exclusion and combination in the combination coordinates -------------------------
+    # Shard posteriors are near-Gaussian there (the rates coordinates, bounded parameters
+    # through their logits), and each shard targeted L_k·[π·|∂θ/∂u|]^(1/K) there
+    # (cmc_space), so the Gaussian consensus of these draws is the full posterior.
+    space, n_joint = first.space, first.n_joint
+    in_u = [replace(sh, draws=to_combination(sh.draws, space, n_joint, sh.index)) for sh in shards]
+    selection = select_shards(in_u, s)
+    kept_u = selection.kept
     by_index = {sh.index: sh for sh in shards}
     selection.kept = [by_index[sh.index] for sh in selection.kept]
     kept, excluded = selection.kept, selection.excluded
@@ -1082,11 +1297,13 @@ def combine_stage(
 
     # -- combination ---------------------------------------------------------------------
     labels = [sh.index for sh in kept]
-    draws = combine_draws(
-        [sampled(sh.draws) for sh in kept], s.method, first.n_joint, labels=labels
-    )
-    if rates is not None:
-        draws = from_rates(draws, list(names), *rates)
+    draws_u = combine_draws([sh.draws for sh in kept_u], s.method, n_joint, labels=labels)
+    restoration = None
+    if excluded and s.method != "simple_average":
+        draws_u, restoration = restore_prior(draws_u, space, n_joint, len(excluded) / K)
+    draws = from_combination(draws_u, space, n_joint)
+    shard_verdicts = {sh.index: shard_convergence(sh, s) for sh in shards}
+    stuck = {k: v["problem"] for k, v in shard_verdicts.items() if v["problem"]}
     summary = posterior_summary(draws, names)
 
     # -- diagnostics ---------------------------------------------------------------------
@@ -1124,7 +1341,10 @@ def combine_stage(
         excluded=excluded,
         flagged_kept=flagged_kept,
         heterogeneous=heterogeneous,
+        stuck_shards=stuck,
     )
+    if restoration is not None:
+        quality["warnings"].append(restoration["summary"])
     tempering = [sh.prior_tempering for sh in shards]
     if any(t is not None and not math.isclose(t, 1.0 / K, rel_tol=1e-6) for t in tempering):
         quality["warnings"].append(
@@ -1215,6 +1435,7 @@ def combine_stage(
         "per_angle_scaling": first.per_angle_scaling,
         "convergence": convergence,
         "sampling_summary": sampling_summary,
+        "noise_scale": first.meta.get("noise_scale"),
     }
     dataset_info = {
         "analysis_mode": mode,
@@ -1225,6 +1446,7 @@ def combine_stage(
         "n_points_per_shard": {str(sh.index): sh.n_points for sh in shards},
         "num_shards": K,
         "prior_tempering": tempering,
+        "noise_scale": first.meta.get("noise_scale"),
         "shard_files": [str(sh.nc_path) for sh in shards],
     }
     analysis = {
@@ -1268,7 +1490,10 @@ def combine_stage(
             "divergence_rate": sh.divergence_rate,
             "bfmi": None if b is None else b.tolist(),
             "min_bfmi": None if b is None or not np.any(np.isfinite(b)) else float(np.nanmin(b)),
-            "max_r_hat": shard_max_rhat(sh),
+            "max_r_hat": shard_verdicts[sh.index]["max_r_hat"],
+            "min_ess": shard_verdicts[sh.index]["min_ess"],
+            "converged": shard_verdicts[sh.index]["problem"] is None,
+            "convergence_problem": shard_verdicts[sh.index]["problem"],
             "acceptance_rate": _stat_mean([sh], "acceptance_rate"),
             "mean_tree_depth": _stat_mean([sh], "tree_depth"),
             "step_size": _stat_mean([sh], "step_size"),
@@ -1301,8 +1526,13 @@ def combine_stage(
             "ess_warn": s.ess_warn,
             "bfmi_warn": BFMI_WARN,
             "max_divergence_rate": s.max_divergence_rate,
-            "mad_threshold": s.mad_threshold,
-            "mad_floor": f"max(1.4826·MAD, {MAD_FLOOR_SD:g} × median shard posterior std)",
+            "outlier_p_value": s.outlier_p_value,
+            "outlier_test": (
+                "squared Mahalanobis distance of a shard's mean from the median of the shard "
+                "means (sampled physical parameters, combination coordinates, shard "
+                "covariance) against χ²(p) at 1 − outlier_p_value/K"
+            ),
+            "shard_ess_min": s.shard_ess_min,
             "heterogeneity_p_value": HETEROGENEITY_P,
         },
         "per_parameter_diagnostics": quality["per_parameter"],
@@ -1338,6 +1568,15 @@ def combine_stage(
         ],
         "flagged_but_kept": [{"shard": k, "reason": flagged_kept[k]} for k in sorted(flagged_kept)],
         "parameter_names": list(names),
+        "combination_coordinates": (
+            f"{COMBINATION} coordinates of the sampled parameters (cmc_space): power laws as "
+            "(mean over the early half, logit exponent, mean over the late half), other "
+            "bounded parameters through their logits"
+            if space is not None
+            else "the parameters as stored (the shard files record no sampled space)"
+        ),
+        "prior_restoration": restoration,
+        "not_converged_shards": [{"shard": k, "problem": stuck[k]} for k in sorted(stuck)],
         "jointly_combined": list(names[: first.n_joint]),
         "combined_per_component": list(names[first.n_joint :]),
         "ignored_variables": first.ignored_variables,

@@ -73,7 +73,16 @@ def sampled_parameter_count(mode: str, scaling_mode: str, n_phi: int) -> int:
 def choose_num_shards(n_points: int, n_params: int, s: ShardingSettings) -> tuple[int, list]:
     decisions = []
     if s.num_shards != "auto":
-        k = min(int(s.num_shards), n_points)
+        k = int(s.num_shards)
+        needed = s.min_points_per_parameter * n_params
+        if k > 1 and n_points // k < needed:
+            raise ConfigError(
+                f"cmc.sharding.num_shards: {k} shards would hold {n_points // k} points each "
+                f"({n_points} points / {k}); each needs at least min_points_per_parameter "
+                f"{s.min_points_per_parameter} x {n_params} sampled parameters = {needed} "
+                "so that its posterior is dominated by its data (near-Gaussian, as consensus "
+                f"assumes). Use at most {max(1, n_points // needed)} shards, or 'auto'"
+            )
         decisions.append(
             {
                 "decision": "num_shards",

@@ -39,11 +39,13 @@ from typing import Any
 import numpy as np
 
 from homodyne_steps._jax import jax, jnp
-from homodyne_steps.coordinates import (
-    POWER_LAWS,
-    power_law_from_rates,
-    rates_from_power_law,
-    split_times,
+from homodyne_steps.cmc_space import (
+    COMBINATION,
+    SAMPLING_COORDINATES,
+    SampledSpace,
+    make_space,
+    shard_log_density,
+    w_from_theta,
 )
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
@@ -56,6 +58,7 @@ from homodyne_steps.nlsq import (
     gather_points,
     make_fit_data,
 )
+from homodyne_steps.noise import noise_scale_record
 from homodyne_steps.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.scaling import build_map, quantile_estimates
 from homodyne_steps.serialise import atomic_path, read_json, read_npz, write_json
@@ -96,7 +99,7 @@ class SamplerSettings:
             dense_mass=get_bool(m, "dense_mass", d.dense_mass, where),
             seed=get_int(m, "seed", d.seed, where, minimum=0),
             reparameterize=get_choice(
-                m, "reparameterize", d.reparameterize, ("rates", "log_reference", "none"), where
+                m, "reparameterize", d.reparameterize, SAMPLING_COORDINATES, where
             ),
             adapt_mass_matrix=get_bool(m, "adapt_mass_matrix", d.adapt_mass_matrix, where),
         )
@@ -124,26 +127,18 @@ class ShardInputs:
     """Everything one shard's model needs, resolved from the stage inputs."""
 
     mode: str
-    names: tuple[str, ...]
+    names: tuple[str, ...]  # the physical parameters (registry order)
     grid: Any
-    data: Any  # nlsq.FitData
     blocks: Any  # (1, n_phi, m) point ids
     n_points: int
     n_phi: int
     scaling_mode: str
     scaling_matrix: np.ndarray
     scaling_fixed: np.ndarray
-    scaling_names: tuple[str, ...]
-    init_physical: dict[str, float]
-    init_psi: np.ndarray
-    prior_mu: np.ndarray
-    prior_sigma: np.ndarray
-    lower: np.ndarray
-    upper: np.ndarray
-    log_t_ref: float
+    space: SampledSpace  # physical parameters, then the sampled scaling
+    init_theta: np.ndarray  # start of the mode search (the NLSQ optimum), over space.names
     num_shards: int
-    t_early: Any = None  # measured times (s) of the early and late halves of the run
-    t_late: Any = None
+    noise_scale: dict[str, Any]  # how σ was scaled (one treatment with NLSQ)
     points: tuple = ()  # (i, j, a, d, w) of the shard's blocks: constant over the sampling
 
 
@@ -163,124 +158,81 @@ def _prior_arrays(names, registry: Registry, prior: PriorSettings, nlsq: Mapping
     return mu, sd, lo, hi
 
 
-def _truncated_normal(inp: ShardInputs, k: int):
-    import numpyro.distributions as dist
+def _scaling_space(scaling_mode: str, n_phi: int, psi0: np.ndarray, registry: Registry):
+    """(names, columns, lower, upper, mu, sigma, start) of the sampled scaling."""
+    if scaling_mode in ("varpro", "constant") or psi0.size == 0:
+        return [], [], [], [], [], [], []
+    if scaling_mode == "fourier":  # coefficients around the NLSQ-consistent start
+        m = psi0.size
+        return (
+            [f"scaling_coefficients_{i}" for i in range(m)],
+            [("scaling_coefficients", i) for i in range(m)],
+            [-np.inf] * m, [np.inf] * m, list(psi0), [1.0] * m, list(psi0),
+        )  # fmt: skip
+    cs, os_ = registry["contrast"], registry["offset"]
+    if scaling_mode == "auto":
+        names = ["contrast_shared", "offset_shared"]
+        columns: list[tuple[str, int | None]] = [(n, None) for n in names]
+        specs = [cs, os_]
+    else:  # individual
+        names = [f"contrast_{a}" for a in range(n_phi)] + [f"offset_{a}" for a in range(n_phi)]
+        columns = [("contrast", a) for a in range(n_phi)] + [("offset", a) for a in range(n_phi)]
+        specs = [cs] * n_phi + [os_] * n_phi
+    lo = [s.lower for s in specs]
+    hi = [s.upper for s in specs]
+    span = np.asarray(hi) - np.asarray(lo)
+    start = np.clip(psi0, np.asarray(lo) + 1e-3 * span, np.asarray(hi) - 1e-3 * span)
+    return (
+        names, columns, lo, hi, [s.prior_mu for s in specs], [s.prior_sigma for s in specs],
+        list(start),
+    )  # fmt: skip
 
-    return dist.TruncatedNormal(
-        inp.prior_mu[k], inp.prior_sigma[k], low=inp.lower[k], high=inp.upper[k]
-    )
 
+def _loglik_fn(inp: ShardInputs):
+    """log L_k(θ) and its deterministics, θ = (physical, sampled scaling ψ)."""
+    n_phys = len(inp.names)
 
-def _prior_log_density(inp: ShardInputs, k: int, x):
-    """Log prior density of parameter k at x; −inf outside its bounds."""
-    inside = (x >= inp.lower[k]) & (x <= inp.upper[k])
-    xc = jnp.clip(x, inp.lower[k], inp.upper[k])
-    return jnp.where(inside, _truncated_normal(inp, k).log_prob(xc), -jnp.inf)
-
-
-def _model(inp: ShardInputs, prior: PriorSettings, reparam: str):
-    """NumPyro model of one shard.
-
-    Prior tempering scales the prior *density of the physical parameters* by 1/K; the
-    Jacobian of a reparameterisation is not tempered (it is a change of coordinates,
-    not information), so the shard posterior as a measure on the physical parameters
-    is the same whichever parameterisation is sampled.
-    """
-    import numpyro
-    import numpyro.distributions as dist
-
-    temper = 1.0 / inp.num_shards if prior.tempering else 1.0
-    values: list[Any] = [None] * len(inp.names)
-    groups = [g for g in POWER_LAWS if g[0] in inp.names] if reparam != "none" else []
-    # log_reference replaces the amplitude; rates replace the amplitude and the offset
-    replaced = {
-        n for g in groups for n in ((g[0],) if reparam == "log_reference" else (g[0], g[2]))
-    }
-    with numpyro.handlers.scale(scale=temper):
-        for k, name in enumerate(inp.names):
-            if name not in replaced:
-                values[k] = numpyro.sample(name, _truncated_normal(inp, k))
-        psi = None
-        if inp.scaling_mode not in ("varpro", "constant") and inp.scaling_matrix.shape[1]:
-            psi = _sample_scaling(inp)
-    flat = dist.ImproperUniform(dist.constraints.real, (), ())
-    for amp, exp_name, off, rate_names in groups:
-        ka, ke, ko = (inp.names.index(n) for n in (amp, exp_name, off))
-        exponent = values[ke]
-        if reparam == "log_reference":
-            # u = log amplitude + exponent · log t_ref: the log of the rate at t_ref
-            u = numpyro.sample(f"log_{amp}_ref", flat)
-            values[ka] = jnp.exp(u - exponent * inp.log_t_ref)
-            log_jac = jnp.log(values[ka])
-            log_prior = _prior_log_density(inp, ka, values[ka])
-        else:  # rates: the means of D(t) (γ̇(t)) over the early and late halves
-            early = numpyro.sample(rate_names[0], flat)
-            late = numpyro.sample(rate_names[1], flat)
-            values[ka], values[ko], gap = power_law_from_rates(
-                early, late, exponent, inp.t_early, inp.t_late
-            )
-            log_jac = -jnp.log(jnp.abs(gap))
-            log_prior = _prior_log_density(inp, ka, values[ka]) + _prior_log_density(
-                inp, ko, values[ko]
-            )
-        numpyro.factor(f"prior_{amp}", temper * log_prior + log_jac)
-        numpyro.deterministic(amp, values[ka])
-        if reparam == "rates":
-            numpyro.deterministic(off, values[ko])
-    physical = jnp.stack(values)
-    st = Stats(*block_stats(physical, inp.grid, *inp.points, False))
-    if inp.scaling_mode == "varpro":
-        det = st.s_gg * st.s_1 - st.s_g**2
-        c = (st.s_1 * st.s_gd - st.s_g * st.s_d) / det
-        o = (st.s_gg * st.s_d - st.s_g * st.s_gd) / det
-        loglik = -0.5 * jnp.sum(chi_squared_per_angle(st, c, o)) - 0.5 * jnp.sum(jnp.log(det))
-        numpyro.deterministic("contrast", c)
-        numpyro.deterministic("offset", o)
-    else:
-        s = inp.scaling_fixed + (0.0 if psi is None else jnp.asarray(inp.scaling_matrix) @ psi)
+    def loglik(theta):
+        physical = theta[:n_phys]
+        st = Stats(*block_stats(physical, inp.grid, *inp.points, False))
+        if inp.scaling_mode == "varpro":
+            det = st.s_gg * st.s_1 - st.s_g**2
+            c = (st.s_1 * st.s_gd - st.s_g * st.s_d) / det
+            o = (st.s_gg * st.s_d - st.s_g * st.s_gd) / det
+            value = -0.5 * jnp.sum(chi_squared_per_angle(st, c, o)) - 0.5 * jnp.sum(jnp.log(det))
+            return value, {"contrast": c, "offset": o}
+        psi = theta[n_phys:]
+        s = jnp.asarray(inp.scaling_fixed)
+        if psi.shape[0]:
+            s = s + jnp.asarray(inp.scaling_matrix) @ psi
         c, o = s[: inp.n_phi], s[inp.n_phi :]
-        loglik = -0.5 * jnp.sum(chi_squared_per_angle(st, c, o))
-        if psi is not None and inp.scaling_mode != "individual":
-            numpyro.deterministic("contrast", c)
-            numpyro.deterministic("offset", o)
-    numpyro.factor("loglik", loglik)
+        value = -0.5 * jnp.sum(chi_squared_per_angle(st, c, o))
+        derived = inp.scaling_mode in ("auto", "fourier")
+        return value, ({"contrast": c, "offset": o} if derived else {})
+
+    return loglik
 
 
-def _sample_scaling(inp: ShardInputs):
+def shard_model(space: SampledSpace, coords: str, num_shards: int, loglik_fn):
+    """NumPyro model of one shard: one unconstrained vector w, the tempered target
+    (:func:`cmc_space.shard_log_density`), and θ's variables as deterministics."""
     import numpyro
     import numpyro.distributions as dist
 
-    reg = REGISTRY
-    if inp.scaling_mode == "individual":
-        cs, os_ = reg["contrast"], reg["offset"]
-        c = numpyro.sample(
-            "contrast",
-            dist.TruncatedNormal(cs.prior_mu, cs.prior_sigma, low=cs.lower, high=cs.upper).expand(
-                [inp.n_phi]
-            ),
-        )
-        o = numpyro.sample(
-            "offset",
-            dist.TruncatedNormal(
-                os_.prior_mu, os_.prior_sigma, low=os_.lower, high=os_.upper
-            ).expand([inp.n_phi]),
-        )
-        return jnp.concatenate([c, o])
-    if inp.scaling_mode == "auto":
-        cs, os_ = reg["contrast"], reg["offset"]
-        c = numpyro.sample(
-            "contrast_shared",
-            dist.TruncatedNormal(cs.prior_mu, cs.prior_sigma, low=cs.lower, high=cs.upper),
-        )
-        o = numpyro.sample(
-            "offset_shared",
-            dist.TruncatedNormal(os_.prior_mu, os_.prior_sigma, low=os_.lower, high=os_.upper),
-        )
-        return jnp.stack([c, o])
-    # fourier: coefficients around the NLSQ-consistent start, weakly informative
-    return numpyro.sample(
-        "scaling_coefficients", dist.Normal(jnp.asarray(inp.init_psi), 1.0).to_event(1)
-    )
+    flat = dist.ImproperUniform(dist.constraints.real_vector, (), (space.size,))
+    w = numpyro.sample("sampled_coordinates", flat)
+    log_density, theta, extra = shard_log_density(w, space, coords, num_shards, loglik_fn)
+    numpyro.factor("target", log_density)
+    by_variable: dict[str, list[tuple[int | None, Any]]] = {}
+    for j, (var, idx) in enumerate(space.columns):
+        by_variable.setdefault(var, []).append((idx, theta[j]))
+    for var, entries in by_variable.items():
+        if entries[0][0] is None:
+            numpyro.deterministic(var, entries[0][1])
+        else:
+            numpyro.deterministic(var, jnp.stack([v for _, v in sorted(entries)]))
+    for var, value in extra.items():
+        numpyro.deterministic(var, value)
 
 
 def prepare_shard(
@@ -315,7 +267,8 @@ def prepare_shard(
     # shard's point ids (padding N).
     local = angle_blocks(np.arange(ids.size)[None, :], ids // n_pairs, n_phi)
     blocks = np.where(local < ids.size, ids[np.minimum(local, ids.size - 1)], n_total)
-    fit_data = make_fit_data(data.c2_exp, sigma_lag)
+    noise_scale = noise_scale_from_nlsq(nlsq_params)
+    fit_data = make_fit_data(data.c2_exp, np.asarray(sigma_lag) * noise_scale["sigma_factor"])
     scaling_mode = nlsq_params.get("per_angle_scaling", "varpro")
     c0 = np.array([p["contrast"]["value"] for p in nlsq_params["per_angle"]])
     o0 = np.array([p["offset"]["value"] for p in nlsq_params["per_angle"]])
@@ -325,99 +278,79 @@ def prepare_shard(
         c0, o0 = quantile_estimates(np.asarray(data.c2_exp, float), registry)
     smap, psi0 = build_map(scaling_mode, np.asarray(data.phi_angles_list, float), c0, o0)
     mu, sd, lo, hi = _prior_arrays(names, registry, prior, nlsq_params)
-    t = np.asarray(data.t1, dtype=np.float64)
-    t_pos = t[t > 0]
-    t_halves = split_times(t_pos) if t_pos.size >= 2 else (None, None)
+    s_names, s_cols, s_lo, s_hi, s_mu, s_sd, s_start = _scaling_space(
+        scaling_mode, n_phi, np.asarray(psi0, dtype=np.float64), registry
+    )
+    space = make_space(
+        [*names, *s_names],
+        [*lo, *s_lo],
+        [*hi, *s_hi],
+        [*mu, *s_mu],
+        [*sd, *s_sd],
+        columns=[*((n, None) for n in names), *s_cols],
+        t=data.t1,
+    )
+    init_physical = [
+        float(np.clip(nlsq_params["parameters"][n]["value"], lo[k], hi[k]))
+        for k, n in enumerate(names)
+    ]
     return ShardInputs(
         mode=mode,
         names=names,
         grid=make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt),
-        data=fit_data,
         blocks=jnp.asarray(blocks),
         n_points=int(ids.size),
         n_phi=n_phi,
         scaling_mode=scaling_mode,
         scaling_matrix=smap.matrix,
         scaling_fixed=smap.fixed,
-        scaling_names=smap.names,
-        init_physical={
-            n: float(np.clip(nlsq_params["parameters"][n]["value"], lo[k], hi[k]))
-            for k, n in enumerate(names)
-        },
-        init_psi=psi0,
-        prior_mu=mu,
-        prior_sigma=sd,
-        lower=lo,
-        upper=hi,
-        log_t_ref=float(np.mean(np.log(t_pos))) if t_pos.size else 0.0,
-        t_early=t_halves[0],
-        t_late=t_halves[1],
+        space=space,
+        init_theta=np.array([*init_physical, *s_start], dtype=np.float64),
         num_shards=num_shards,
+        noise_scale=noise_scale,
         points=tuple(gather_points(fit_data, jnp.asarray(blocks[0]))),
     )
 
 
-def _init_values(inp: ShardInputs, reparam: str) -> dict[str, Any]:
-    values: dict[str, Any] = dict(inp.init_physical)
-    for amp, exp_name, off, (early, late) in POWER_LAWS:
-        if reparam == "none" or amp not in values:
-            continue
-        x = values.pop(amp)
-        if reparam == "log_reference":
-            values[f"log_{amp}_ref"] = math.log(x) + values[exp_name] * inp.log_t_ref
-        else:
-            rates = rates_from_power_law(
-                x, values[exp_name], values.pop(off), inp.t_early, inp.t_late
-            )
-            values[early], values[late] = (float(r) for r in rates)
-    if inp.scaling_mode == "individual":
-        values["contrast"] = np.clip(inp.init_psi[: inp.n_phi], 1e-3, 1 - 1e-3)
-        values["offset"] = np.clip(inp.init_psi[inp.n_phi :], 0.5 + 1e-3, 1.5 - 1e-3)
-    elif inp.scaling_mode == "auto":
-        values["contrast_shared"], values["offset_shared"] = (float(x) for x in inp.init_psi)
-    elif inp.scaling_mode == "fourier":
-        values["scaling_coefficients"] = inp.init_psi
-    return {k: jnp.asarray(v) for k, v in values.items()}
+def noise_scale_from_nlsq(nlsq_params: Mapping[str, Any]) -> dict[str, Any]:
+    """How σ is scaled (:func:`noise.noise_scale_record`), from the NLSQ result."""
+    chi2_red = nlsq_params.get("reduced_chi_squared")
+    if not isinstance(chi2_red, int | float) or isinstance(chi2_red, bool):
+        raise DataError(
+            "the NLSQ result has no reduced_chi_squared; the CMC likelihood scales σ by it "
+            "(rerun the NLSQ stage)"
+        )
+    if not (math.isfinite(chi2_red) and chi2_red > 0):
+        raise DataError(
+            f"the NLSQ result's reduced_chi_squared is {chi2_red!r}; the CMC likelihood needs "
+            "a finite value > 0 to scale σ (is the NLSQ fit failed?)"
+        )
+    return noise_scale_record(float(chi2_red))
 
 
 @dataclass
 class ShardMode:
-    """The shard posterior's mode in the sampler's unconstrained coordinates and the
-    inverse Hessian of the potential there (the Laplace covariance: NUTS's metric)."""
+    """The shard posterior's mode in the sampled coordinates w and the inverse Hessian
+    of the potential there (the Laplace covariance: NUTS's metric)."""
 
-    sites: tuple[str, ...]
-    values: dict[str, Any]  # the sampled sites' values at the mode
-    inverse_mass: np.ndarray | None  # over ravel(z[s] for s in sites)
+    w: np.ndarray
+    inverse_mass: np.ndarray | None
     status: str
     iterations: int
     potential: float
     seconds: float
 
 
-def shard_mode(model, init_values: Mapping[str, Any], max_iterations: int = 40) -> ShardMode:
-    """Damped Newton on the potential (−log posterior) in NumPyro's unconstrained space.
+def shard_mode(potential, w0: np.ndarray, max_iterations: int = 40) -> ShardMode:
+    """Damped Newton on the potential (−log target) in the unconstrained coordinates.
 
     The Hessian is exact (JAX), so the metric includes the prior, the varpro log-det
-    term and the curvature of the bound transforms: the Gaussian NUTS actually sees.
+    term and the curvature of the transforms: the Gaussian NUTS actually sees.
     """
-    from jax.flatten_util import ravel_pytree
-    from numpyro.infer import init_to_value
-    from numpyro.infer.util import initialize_model
-
     t0 = time.perf_counter()
-    info = initialize_model(
-        jax.random.PRNGKey(0), model, init_strategy=init_to_value(values=dict(init_values))
-    )
-    z0 = info.param_info.z
-    sites = tuple(z0)
-    flat0, unravel = ravel_pytree(tuple(z0[k] for k in sites))
-
-    def potential(flat):
-        return info.potential_fn(dict(zip(sites, unravel(flat), strict=True)))
-
     value_and_grad = jax.jit(jax.value_and_grad(potential))
     hessian = jax.jit(jax.hessian(potential))
-    x = np.asarray(flat0, dtype=np.float64)
+    x = np.asarray(w0, dtype=np.float64)
     f, g = (np.asarray(v, dtype=np.float64) for v in value_and_grad(x))
     status, it, lam = "max_iterations", 0, 1e-3
     for it in range(1, max_iterations + 1):  # noqa: B007
@@ -451,27 +384,48 @@ def shard_mode(model, init_values: Mapping[str, Any], max_iterations: int = 40) 
         evals, evecs = np.linalg.eigh(0.5 * (h + h.T))
         if evals[0] > 0:
             inverse_mass = (evecs / evals) @ evecs.T
-    constrained = info.postprocess_fn(dict(zip(sites, unravel(jnp.asarray(x)), strict=True)))
-    values = {k: constrained[k] for k in sites}
-    return ShardMode(sites, values, inverse_mass, status, it, float(f), time.perf_counter() - t0)
+    return ShardMode(x, inverse_mass, status, it, float(f), time.perf_counter() - t0)
 
 
-def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, shard: int = 0):
-    """Sample one shard; returns (InferenceData, record dict)."""
+def sample_shard(
+    space: SampledSpace,
+    coords: str,
+    num_shards: int,
+    loglik_fn,
+    theta0: np.ndarray,
+    sampler: SamplerSettings,
+    shard: int = 0,
+):
+    """NUTS on one shard's tempered target; returns (InferenceData, record dict).
+
+    ``loglik_fn(θ) -> (log L_k(θ), deterministics)``; ``num_shards`` is the K of the
+    tempering (1: the full prior, no tempering).
+    """
     import arviz as az
     from numpyro.infer import MCMC, NUTS, init_to_value
 
-    model = partial(_model, inp, prior, sampler.reparameterize)
-    mode = shard_mode(model, _init_values(inp, sampler.reparameterize))
+    model = partial(shard_model, space, coords, num_shards, loglik_fn)
+    w0 = np.asarray(w_from_theta(np.asarray(theta0, dtype=np.float64), space, coords))
+    if not np.all(np.isfinite(w0)):
+        raise DataError(
+            f"the start point {dict(zip(space.names, np.asarray(theta0).tolist(), strict=True))} "
+            "lies on or outside the parameter bounds"
+        )
+
+    def potential(w):
+        return -shard_log_density(w, space, coords, num_shards, loglik_fn)[0]
+
+    mode = shard_mode(potential, w0)
     metric = mode.inverse_mass
+    site = ("sampled_coordinates",)
     kernel = NUTS(
         model,
-        init_strategy=init_to_value(values=mode.values),
+        init_strategy=init_to_value(values={site[0]: jnp.asarray(mode.w)}),
         target_accept_prob=sampler.target_accept,
         max_tree_depth=sampler.max_tree_depth,
-        dense_mass=[mode.sites] if sampler.dense_mass else False,
+        dense_mass=[site] if sampler.dense_mass else False,
         inverse_mass_matrix=(
-            {mode.sites: metric if sampler.dense_mass else np.diag(metric)}
+            {site: metric if sampler.dense_mass else np.diag(metric)}
             if metric is not None
             else None
         ),
@@ -510,6 +464,14 @@ def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, 
     idata.sample_stats["acceptance_rate"] = (("chain", "draw"), accept)
     idata.sample_stats["diverging"] = (("chain", "draw"), diverging.astype(bool))
     idata.sample_stats["energy"] = (("chain", "draw"), np.asarray(extra["energy"]))
+    idata.posterior.attrs.update(
+        {
+            "sampled_space": space.to_json(),
+            "reparameterize": coords,
+            "combination_coordinates": COMBINATION,
+            "prior_tempering": 1.0 / num_shards,
+        }
+    )
     n_draws = diverging.size
     record = {
         "num_chains": sampler.num_chains,
@@ -535,6 +497,19 @@ def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, 
         },
     }
     return idata, record
+
+
+def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, shard: int = 0):
+    """Sample one shard of the data; returns (InferenceData, record dict)."""
+    return sample_shard(
+        inp.space,
+        sampler.reparameterize,
+        inp.num_shards if prior.tempering else 1,
+        _loglik_fn(inp),
+        inp.init_theta,
+        sampler,
+        shard,
+    )
 
 
 def cmc_shard_stage(
@@ -584,11 +559,7 @@ def cmc_shard_stage(
             "n_points": inp.n_points,
             "analysis_mode": inp.mode,
             "per_angle_scaling": inp.scaling_mode,
-            "prior_tempering": 1.0 / inp.num_shards if prior.tempering else 1.0,
-            "reparameterize": sampler.reparameterize,
-            # the combination works in the sampled coordinates; these define them
-            "rates_t_early_s": np.asarray(inp.t_early, dtype=np.float64),
-            "rates_t_late_s": np.asarray(inp.t_late, dtype=np.float64),
+            "noise_sigma_factor": inp.noise_scale["sigma_factor"],
         }
     )
     for attr in ("shard", "num_shards"):
@@ -601,12 +572,20 @@ def cmc_shard_stage(
         "analysis_mode": inp.mode,
         "per_angle_scaling": inp.scaling_mode,
         "parameters": list(inp.names),
+        "sampled": list(inp.space.names),
         "prior": {
             "type": prior.type,
             "tempering": prior.tempering,
-            "mu": inp.prior_mu.tolist(),
-            "sigma": inp.prior_sigma.tolist(),
+            "mu": inp.space.prior_mu.tolist(),
+            "sigma": inp.space.prior_sigma.tolist(),
+            "lower": [_finite_or_none(x) for x in inp.space.lower],
+            "upper": [_finite_or_none(x) for x in inp.space.upper],
         },
+        "coordinates": {
+            "sampled": sampler.reparameterize,
+            "combined": COMBINATION,
+        },
+        "noise_scale": inp.noise_scale,
         **record,
     }
     # Compilation happens inside the first warmup call; the warmup time includes it.
@@ -616,6 +595,10 @@ def cmc_shard_stage(
     _write_netcdf(idata, out_nc)
     write_json(out_json, record)
     return record
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 def _write_netcdf(idata, path: str | os.PathLike[str]) -> Path:

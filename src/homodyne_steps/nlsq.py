@@ -35,12 +35,23 @@ Jacobian. Convergence: relative χ² decrease < ftol on an accepted step, a scal
 Uncertainties: cov = (JᵀJ)⁻¹ · χ²_red over the free parameters (scipy's
 ``absolute_sigma=False`` convention: if σ is misestimated or the model misfits, the
 errors grow with it instead of staying optimistic).
+
+Identification (:func:`identify`): JᵀJ is judged after normalisation to unit diagonal
+(D⁻¹ JᵀJ D⁻¹, D = sqrt(diag JᵀJ), so parameter units do not matter); eigenvalues below
+1e-10 of the largest span directions the data do not determine. A parameter with any
+weight (> 1e-6) in those directions, no information at all, or a zero / non-finite σ is
+*not identified*: its covariance row is NaN (uncertainty null in the records), never a
+number. A fit that stopped on a convergence test with such parameters is
+``not_identified``; one whose free parameters never left the start values and that does
+not identify them is ``failed``. The covariance of the identified parameters is the
+pseudo-inverse over the identified directions (it does not depend on which generalised
+inverse is used, because those parameters lie in the row space of JᵀJ).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -331,6 +342,8 @@ class FitResult:
     history: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     gradient: np.ndarray | None = None
+    not_identified: tuple[str, ...] = ()  # free parameters the data cannot fix
+    information: np.ndarray | None = None  # JᵀJ over x, identified directions only
 
     @property
     def dof(self) -> int:
@@ -360,6 +373,7 @@ class Problem:
         upper: np.ndarray,
         fixed: np.ndarray,
         log_scale: np.ndarray | None = None,
+        theta_names: tuple[str, ...] | None = None,
     ):
         self.grid, self.data, self.n_points, self.n_phi = grid, data, n_points, n_phi
         self.blocks = jnp.asarray(blocks)
@@ -369,6 +383,9 @@ class Problem:
         # Steps are taken in log x for these (D0, γ̇0): D0·t^alpha = const is a straight
         # line in (log D0, alpha) but a curved valley in (D0, alpha).
         self.log_scale = np.zeros(lower.size, bool) if log_scale is None else log_scale
+        # Labels of θ then of the scaling (ψ; per-angle contrast and offset for varpro).
+        p = lower.size - (0 if self.varpro else scaling.n_params)
+        self.names = tuple(theta_names or (f"theta_{k}" for k in range(p))) + scaling.names
         self.value_passes = 0
         self.jacobian_passes = 0
 
@@ -412,6 +429,93 @@ def scaled_pinv(a: np.ndarray) -> np.ndarray:
     )
 
 
+IDENTIFY_RTOL = 1e-10  # eigenvalue cut of the normalised JᵀJ, relative to the largest
+NULL_WEIGHT_TOL = 1e-6  # weight in the undetermined directions that unidentifies a parameter
+
+
+@dataclass(frozen=True)
+class Identification:
+    """What a normal (information) matrix determines (module docstring, Identification).
+
+    ``inverse`` is its pseudo-inverse over the identified eigen-directions, ``information``
+    the matrix with the undetermined directions removed; ``unidentified`` marks the
+    parameters the data cannot fix and ``why`` says why (empty when all are identified).
+    """
+
+    inverse: np.ndarray
+    information: np.ndarray
+    unidentified: np.ndarray
+    rank: int
+    why: str
+
+    def covariance(self, factor: float = 1.0) -> np.ndarray:
+        """``inverse · factor`` with NaN rows and columns for the unidentified."""
+        cov = self.inverse * factor
+        cov[self.unidentified, :] = np.nan
+        cov[:, self.unidentified] = np.nan
+        return cov
+
+
+def identify(a: np.ndarray, factor: float = 1.0, scale: np.ndarray | None = None) -> Identification:
+    """Identification of the parameters of normal matrix ``a`` (covariance = a⁻¹ · factor).
+
+    ``scale`` normalises ``a`` (default sqrt(diag a)); a Schur complement should be
+    normalised by the diagonal before elimination, so that a direction whose information
+    the elimination removed shows as round-off, not as a unit entry.
+    """
+    n = a.shape[0]
+    if not np.all(np.isfinite(a)):
+        nan = np.full((n, n), np.nan)
+        return Identification(nan, nan, np.ones(n, bool), 0, "JᵀJ is not finite")
+    d = np.sqrt(np.clip(np.diag(a), 0.0, None)) if scale is None else np.asarray(scale)
+    s = np.where(d > 0, d, 1.0)
+    a_s = np.where(np.outer(d > 0, d > 0), a / np.outer(s, s), 0.0)
+    lam, v = np.linalg.eigh(a_s) if n else (np.zeros(0), np.zeros((0, 0)))
+    keep = lam > IDENTIFY_RTOL * lam.max() if n and lam.max() > 0 else np.zeros(n, bool)
+    vk = v[:, keep]
+    inverse = (vk / lam[keep]) @ vk.T / np.outer(s, s)
+    information = (vk * lam[keep]) @ vk.T * np.outer(s, s)
+    bad = np.sum(v[:, ~keep] ** 2, axis=1) > NULL_WEIGHT_TOL
+    why = f"JᵀJ has rank {int(keep.sum())} of {n}" if bad.any() else ""
+    with np.errstate(invalid="ignore"):
+        zero_sd = ~bad & ~(np.sqrt(np.diag(inverse) * factor) > 0)
+    if zero_sd.any():
+        bad |= zero_sd
+        why = "; ".join(filter(None, [why, f"σ is zero or not finite (χ²_red = {factor:.3g})"]))
+    return Identification(inverse, information, bad, int(keep.sum()), why)
+
+
+def combine_information(
+    values: np.ndarray, infos: np.ndarray, log_scale: np.ndarray
+) -> tuple[np.ndarray, Identification]:
+    """Combine independent estimates by summing their Fisher information.
+
+    ``values`` (K, p) are the estimates, ``infos`` (K, p, p) their information matrices
+    (JᵀJ / χ²_red, zero in every direction an estimate does not determine). With
+    χ²_k(θ) ≈ χ²_k(θ_k) + (θ − θ_k)ᵀ F_k (θ − θ_k) the total is minimised by
+    θ = (Σ F_k)⁻¹ Σ F_k θ_k with covariance (Σ F_k)⁻¹: generalised least squares with the
+    full covariances, where an estimate enters only through the directions it
+    identifies, so estimates that each fix only some directions can fix all together.
+    Log-scale parameters are combined in log (where the quadratic form is accurate).
+    Directions no estimate determines stay at the mean of the estimates and are reported
+    by the returned :class:`Identification` (covariance in the units of ``values``).
+    """
+    values, log_scale = np.asarray(values, dtype=np.float64), np.asarray(log_scale, bool)
+    du = np.where(log_scale, values, 1.0)  # dx/du, u = log x on log-scale entries
+    u = np.where(log_scale, np.log(np.where(log_scale, values, 1.0)), values)
+    f_u = infos * du[:, :, None] * du[:, None, :]
+    total = f_u.sum(0)
+    b = np.einsum("kij,kj->i", f_u, u)
+    ident = identify(total)
+    u_ref = u.mean(0)
+    u_hat = u_ref + ident.inverse @ (b - total @ u_ref)
+    x_hat = u_hat.copy()
+    x_hat[log_scale] = np.exp(u_hat[log_scale])
+    jac = np.where(log_scale, x_hat, 1.0)
+    inverse = ident.inverse * np.outer(jac, jac)
+    return x_hat, replace(ident, inverse=inverse, information=total / np.outer(jac, jac))
+
+
 def _solve_damped(a: np.ndarray, g: np.ndarray, lam: float) -> np.ndarray:
     scale = np.sqrt(np.clip(np.diag(a), 1e-300, None))
     a_s = a / np.outer(scale, scale)
@@ -449,6 +553,7 @@ def levenberg_marquardt(
     x = np.concatenate([theta0, np.zeros(0) if prob.varpro else psi0]).astype(np.float64)
     lo, hi = prob.lower, prob.upper
     x = np.clip(x, lo, hi)
+    x_start = x.copy()
     st = prob.stats(x[:p], with_jacobian=True)
     t_first = time.perf_counter() - t_start
     chi2, a, g, scal = prob.system(st, x, p)
@@ -523,28 +628,13 @@ def levenberg_marquardt(
             break
 
     c, o, jtj_full = scal
-    n_free_x = int(np.sum(~prob.fixed))
-    n_fitted = n_free_x + (2 * prob.n_phi if prob.varpro else 0)
-    dof = max(prob.n_points - n_fitted, 1)
-    red = chi2 / dof
     free = ~prob.fixed
-    cov_x = np.full((x.size, x.size), np.nan)
-    if free.any():
-        cov_x[np.ix_(free, free)] = scaled_pinv(a[np.ix_(free, free)]) * red
-    # Per-angle scaling covariance: the full (θ, c, o) system with the fixed θ removed.
-    full_free = np.concatenate([free[:p], np.ones(2 * prob.n_phi, bool)])
-    cov_full = np.full(jtj_full.shape, np.nan)
-    if not prob.varpro and prob.scaling.n_params < 2 * prob.n_phi:
-        t = np.zeros((jtj_full.shape[0], x.size))
-        t[:p, :p] = np.eye(p)
-        t[p:, p:] = prob.scaling.matrix
-        cov_full = t @ np.nan_to_num(cov_x) @ t.T
-        cov_full[~full_free, :] = np.nan
-        cov_full[:, ~full_free] = np.nan
-    else:
-        cov_full[np.ix_(full_free, full_free)] = (
-            scaled_pinv(jtj_full[np.ix_(full_free, full_free)]) * red
-        )
+    n_fitted = int(free.sum()) + (2 * prob.n_phi if prob.varpro else 0)
+    red = chi2 / max(prob.n_points - n_fitted, 1)
+    cov_x, cov_full, ident, names = _covariances(prob, a, jtj_full, free, red)
+    not_identified = tuple(np.asarray(names)[ident.unidentified].tolist())
+    moved = bool(np.any(x[free] != x_start[free]))
+    status, reason = _verdict(status, reason, moved, not_identified, ident.why)
     total = time.perf_counter() - t_start
     return FitResult(
         physical=x[:p].copy(),
@@ -567,7 +657,75 @@ def levenberg_marquardt(
         history=history,
         timings={"first_pass_s": t_first, "total_s": total},
         gradient=g,
+        not_identified=not_identified,
+        information=_information(prob, a, jtj_full, free, p),
     )
+
+
+def information_at(prob: Problem, theta: np.ndarray):
+    """(χ², JᵀJ over θ restricted to the directions identified there, contrast, offset)
+    of a varpro problem at θ: one Jacobian pass."""
+    assert prob.varpro, "information_at needs the varpro form (x = θ)"
+    st = prob.stats(theta, with_jacobian=True)
+    chi2, a, _, (c, o, jtj_full) = prob.system(st, theta, theta.size)
+    return chi2, _information(prob, a, jtj_full, ~prob.fixed, theta.size), c, o
+
+
+def _covariances(prob: Problem, a, jtj_full, free, red):
+    """(cov over x, cov over (θ, contrast, offset), identification, its parameter names).
+
+    varpro is judged on the full system (θ with every angle's contrast and offset, whose
+    diagonal is raw sums), the other modes on the system of x; NaN marks what is fixed
+    or not identified, and what depends on it.
+    """
+    p = jtj_full.shape[0] - 2 * prob.n_phi
+    cov_x = np.full((free.size, free.size), np.nan)
+    if prob.varpro:
+        full_free = np.r_[free, np.ones(2 * prob.n_phi, bool)]
+        ident = identify(jtj_full[np.ix_(full_free, full_free)], red)
+        cov_full = np.full(jtj_full.shape, np.nan)
+        cov_full[np.ix_(full_free, full_free)] = ident.covariance(red)
+        cov_x[np.ix_(free, free)] = cov_full[:p, :p][np.ix_(free, free)]
+        return cov_x, cov_full, ident, [n for n, f in zip(prob.names, full_free, strict=True) if f]
+    ident = identify(a[np.ix_(free, free)], red)
+    cov_x[np.ix_(free, free)] = ident.covariance(red)
+    t = np.zeros((jtj_full.shape[0], free.size))
+    t[:p, :p] = np.eye(p)
+    t[p:, p:] = prob.scaling.matrix
+    cov_full = t @ np.nan_to_num(cov_x) @ t.T
+    unknown = np.any(t[:, ~np.isfinite(np.diag(cov_x))] != 0, axis=1)
+    cov_full[unknown, :] = np.nan
+    cov_full[:, unknown] = np.nan
+    return cov_x, cov_full, ident, [n for n, f in zip(prob.names, free, strict=True) if f]
+
+
+def _information(prob: Problem, a, jtj_full, free, p) -> np.ndarray:
+    """JᵀJ over x restricted to the directions the fit identifies (0 elsewhere).
+
+    For varpro ``a`` is the Schur complement (the scaling profiled out), normalised by
+    the diagonal before elimination (:func:`identify`).
+    """
+    scale = np.sqrt(np.clip(np.diag(jtj_full)[:p], 0.0, None))[free[:p]] if prob.varpro else None
+    info = np.zeros_like(a)
+    info[np.ix_(free, free)] = identify(a[np.ix_(free, free)], scale=scale).information
+    return info
+
+
+def _verdict(status, reason, moved, not_identified, why) -> tuple[str, str]:
+    """The final status: a stop on a convergence test is ``converged`` only if the data
+    identify every free parameter; ``not_identified`` names those they do not (``failed``
+    when the parameters never left the start). A start that already is an identified
+    optimum stays converged."""
+    if not not_identified:
+        if status == "converged" and not moved:
+            reason += "; the start values are already an optimum"
+        return status, reason
+    what = f"the data do not determine {', '.join(not_identified)} ({why})"
+    if status != "converged":
+        return status, f"{reason}; {what}"
+    if not moved:
+        return "failed", f"never moved from the start values: {what}"
+    return "not_identified", f"{what}; the solver stopped on {reason}"
 
 
 def describe(result: FitResult) -> dict[str, Any]:

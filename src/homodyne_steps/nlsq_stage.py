@@ -6,8 +6,17 @@ Strategies:
   angle-stratified chunks; optional multistart (Latin hypercube over the bounds, log
   spacing for log-scale parameters) reporting whether distinct minima were found.
 - ``sequential``: each angle fitted alone (its own exact scaling), physical parameters
-  combined by inverse variance; fails unless ``min_success_rate`` of the angles
-  converge. For data whose angles cannot share one problem, or to check consistency.
+  combined by summing the angles' Fisher information (generalised least squares with
+  full covariances, :func:`fit_sequential`); fails unless ``min_success_rate`` of the
+  angles reach a stationary point. For data whose angles cannot share one problem, or
+  to check consistency.
+
+Verdicts (``convergence.status``): ``converged``; ``not_identified`` (the solver stopped,
+but the data do not determine the named parameters: their uncertainty is null);
+``failed`` (χ² not finite, the parameters never left the start values and are not
+identified there; sequential: too few usable angles, or angles that disagree);
+``max_iterations``, ``stalled``. Every
+status but ``converged`` fails the stage unless ``on_failure: warn``.
 
 Output files (seed §9 names, plus ``schema_version``): ``parameters.json``,
 ``analysis_results_nlsq.json``, ``convergence_metrics.json``, ``fitted_data.npz``.
@@ -21,7 +30,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,12 +44,16 @@ from homodyne_steps.nlsq import (
     Problem,
     SolverSettings,
     angle_blocks,
+    chi_squared_per_angle,
+    combine_information,
     count_points,
+    identify,
+    information_at,
     levenberg_marquardt,
     make_fit_data,
     stratified_blocks,
 )
-from homodyne_steps.noise import NoiseSettings, noise_sigma, summary
+from homodyne_steps.noise import NoiseSettings, noise_scale_record, noise_sigma, summary
 from homodyne_steps.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.scaling import MODES, build_map, quantile_estimates
 from homodyne_steps.serialise import write_json, write_npz
@@ -57,7 +70,7 @@ OUTPUT_FILES = (
 
 
 class FitFailed(HomodyneStepsError):
-    """The fit did not converge (raised after the diagnostic files are written)."""
+    """The fit is not ``converged`` (raised after the diagnostic files are written)."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +279,7 @@ def _problem(prep: _Prepared, phi: np.ndarray, s: NlsqSettings, registry: Regist
         upper,
         fixed,
         log_scale,
+        theta_names=prep.names,
     )
     return prob, psi0, diag
 
@@ -308,8 +322,6 @@ def _distinct(results: list[FitResult]) -> list[int]:
 def _outcome(prep, prob, result, phi, s, diag, strategy, extra=None) -> NlsqOutcome:
     p = len(prep.names)
     unc = np.sqrt(np.abs(np.diag(result.covariance_x)))[:p]
-    from homodyne_steps.nlsq import chi_squared_per_angle
-
     st = prob.stats(result.physical, with_jacobian=False)
     out = NlsqOutcome(
         mode=prep.mode,
@@ -364,83 +376,222 @@ def fit_joint(
     return _outcome(prep, prob, result, phi, s, diag, "joint", extra)
 
 
+def _fit_angle(data: XpcsData, prep: _Prepared, k: int, L: float, s: NlsqSettings, registry):
+    """Angle k fitted alone (varpro scaling): its result and its problem."""
+    phi = np.asarray(data.phi_angles_list, dtype=np.float64)[k : k + 1]
+    sub_c2, sub_sigma = prep.c2[k : k + 1], prep.sigma_lag[k : k + 1]
+    sub = replace(
+        prep,
+        grid=make_grid(data.t1, phi, data.q, L, data.dt),
+        c2=sub_c2,
+        sigma_lag=sub_sigma,
+        n_points=count_points(sub_c2, sub_sigma),
+        contrast0=prep.contrast0[k : k + 1],
+        offset0=prep.offset0[k : k + 1],
+    )
+    prob, psi0, _ = _problem(sub, phi, replace(s, per_angle_scaling="varpro"), registry)
+    return levenberg_marquardt(prob, prep.theta0, psi0, s.solver), prob
+
+
+def _usable(r: FitResult) -> bool:
+    """The angle's information enters the combination: its fit stopped at a stationary
+    point (every parameter, or only some directions, identified) with a finite χ²_red."""
+    red = r.reduced_chi_squared
+    return (
+        r.status in ("converged", "not_identified")
+        and bool(np.isfinite(red) and red > 0)
+        and bool(np.any(r.information != 0))
+    )
+
+
+def _angle_record(phi: float, r: FitResult, names, used: bool) -> dict[str, Any]:
+    sd = np.sqrt(np.abs(np.diag(r.covariance_x)))[: len(names)]
+    return {
+        "phi_deg": phi,
+        "status": r.status,
+        "reason": r.reason,
+        "success": used,
+        "not_identified": list(r.not_identified),
+        "chi_squared": _finite(r.chi_squared),
+        "reduced_chi_squared": _finite(r.reduced_chi_squared),
+        "n_points": r.n_points,
+        "parameters": {
+            n: {"value": float(v), "uncertainty": _finite(u)}
+            for n, v, u in zip(names, r.physical, sd, strict=True)
+        },
+    }
+
+
+CONSISTENCY_P = 1e-3  # sequential: below this p-value the angles disagree
+
+
+class _Combined(NamedTuple):
+    theta: np.ndarray
+    missing: tuple[str, ...]  # free parameters the combination does not determine
+    why: str
+    rank: int
+
+
+def _combine(prep: _Prepared, results: list[FitResult], registry: Registry) -> _Combined:
+    """θ = (Σ F_k)⁻¹ Σ F_k θ_k over the free parameters (clipped to the bounds), with
+    F_k the information of angle k at its own optimum θ_k."""
+    free = ~prep.fixed
+    theta = prep.theta0.copy()
+    if not results:
+        return _Combined(theta, tuple(np.asarray(prep.names)[free]), "no usable angle", 0)
+    values = np.array([r.physical[free] for r in results])
+    infos = np.array([r.information[np.ix_(free, free)] / r.reduced_chi_squared for r in results])
+    log_scale = np.array([registry[n].log_scale for n in prep.names])[free]
+    x_hat, ident = combine_information(values, infos, log_scale)
+    lo, hi = registry.bounds(prep.names)
+    theta[free] = np.clip(x_hat, lo[free], hi[free])
+    missing = tuple(np.asarray(prep.names)[free][ident.unidentified].tolist())
+    return _Combined(theta, missing, ident.why, ident.rank)
+
+
+class _AtCombined(NamedTuple):
+    chi2: np.ndarray  # per angle
+    contrast: np.ndarray
+    offset: np.ndarray
+    covariance: np.ndarray
+    missing: tuple[str, ...]
+    why: str
+
+
+def _at_combined(prep: _Prepared, fits, used: np.ndarray, theta: np.ndarray) -> _AtCombined:
+    """Every angle at the combined θ: χ², contrast, offset, and the covariance
+    (Σ_k F_k(θ))⁻¹ over the used angles, F_k(θ) = JᵀJ_k(θ) / χ²_red,k: the curvature of
+    the data's χ² at the reported values (F_k at θ_k would overstate the precision where
+    the weak directions turn between the angles' optima)."""
+    free = ~prep.fixed
+    evals = [information_at(prob, theta) for _, prob in fits]
+    info = np.zeros((free.sum(),) * 2)
+    for (_, f, _, _), (r, _), u in zip(evals, fits, used, strict=True):
+        if u:
+            info += f[np.ix_(free, free)] / r.reduced_chi_squared
+    ident = identify(info)
+    cov = np.full((free.size, free.size), np.nan)
+    cov[np.ix_(free, free)] = ident.covariance()
+    return _AtCombined(
+        chi2=np.array([e[0] for e in evals]),
+        contrast=np.array([e[2][0] for e in evals]),
+        offset=np.array([e[3][0] for e in evals]),
+        covariance=cov,
+        missing=tuple(np.asarray(prep.names)[free][ident.unidentified].tolist()),
+        why=ident.why,
+    )
+
+
+def _consistency(results: list[FitResult], chi2_at_theta: np.ndarray, rank: int) -> dict:
+    """Do the angles agree on one θ? Δ = Σ_k (χ²_k(θ) − χ²_k(θ_k)) / χ²_red,k is χ² with
+    Σ_k rank F_k − rank Σ F_k degrees of freedom if they do and the per-angle quadratic
+    models hold; a small p-value means they do not (or the combination's linearisation
+    fails), so θ is not the optimum of the data."""
+    from scipy.stats import chi2
+
+    excess = [(c - r.chi_squared) / r.reduced_chi_squared
+              for r, c in zip(results, chi2_at_theta, strict=True)]  # fmt: skip
+    delta = float(sum(excess))
+    dof = sum(identify(r.information).rank for r in results) - rank
+    p_value = float(chi2.sf(delta, dof)) if dof > 0 else None
+    return {
+        "delta_chi_squared": delta,
+        "degrees_of_freedom": dof,
+        "p_value": p_value,
+        "consistent": p_value is None or p_value >= CONSISTENCY_P,
+    }
+
+
+def _sequential_verdict(n_used, n_full, n_phi, s: NlsqSettings, comb: _Combined, consistency):
+    reasons = [
+        f"{n_used} of {n_phi} angles reached a stationary point and were combined "
+        f"({n_full} identified every parameter alone; min_success_rate {s.min_success_rate})"
+    ]
+    failed = n_used == 0 or n_used / n_phi < s.min_success_rate
+    if n_used and not consistency["consistent"]:
+        failed = True
+        reasons.append(
+            "the angles do not agree on one parameter set: χ² at the combined parameters "
+            f"exceeds the per-angle minima by {consistency['delta_chi_squared']:.4g} for "
+            f"{consistency['degrees_of_freedom']} degrees of freedom (p = "
+            f"{consistency['p_value']:.2g} < {CONSISTENCY_P:g}); fit the angles jointly"
+        )
+    if comb.missing:
+        reasons.append(
+            f"their combined information does not determine {', '.join(comb.missing)} ({comb.why})"
+        )
+    if failed:
+        return "failed", "; ".join(reasons)
+    if comb.missing:
+        return "not_identified", "; ".join(reasons)
+    return "converged", reasons[0] + "; combined by summing their Fisher information (GLS)"
+
+
 def fit_sequential(
     data: XpcsData, mode: str, L: float, s: NlsqSettings, registry: Registry = REGISTRY
 ) -> NlsqOutcome:
-    """Fit each angle alone; combine physical parameters by inverse variance."""
+    """Fit each angle alone; combine the physical parameters by their information.
+
+    Angle k's fit gives θ_k and the information F_k = JᵀJ_k / χ²_red,k (the per-angle
+    scaling profiled out) restricted to the directions that angle identifies: one angle
+    of a laminar-flow dataset cannot separate phi0 from the γ̇ scale (only
+    γ̇·cos(phi0 − φ) enters), so its fit is ``not_identified`` and contributes nothing
+    along that direction. The combination is generalised least squares with the full
+    covariances, θ = (Σ F_k)⁻¹ Σ F_k θ_k (log D0, log γ̇0 as in the solver;
+    :func:`~homodyne_steps.nlsq.combine_information`), with covariance (Σ_k F_k)⁻¹
+    evaluated at the combined θ (:func:`_at_combined`): inverse-variance weights
+    without the covariances would mix directions an angle does not determine. It is
+    ``not_identified`` (naming the parameters) if Σ F_k leaves directions undetermined.
+
+    The combination is exact for a model linear in θ; otherwise it holds only if the
+    per-angle optima are close enough for their quadratic models to hold at θ. The
+    consistency test (:func:`_consistency`) checks that on the data: χ², contrast and
+    offset are recomputed for every angle at the combined θ, and a χ² excess beyond its
+    expected distribution fails the fit. It does on the laminar-flow reference case (the
+    angles' optima lie far apart along the curved γ̇–phi0 valleys): use ``joint`` there.
+    An angle counts as a success for ``min_success_rate`` when its information is used
+    (it reached a stationary point, identified or not); one that did not converge is not.
+    """
     prep = _prepare(data, mode, L, s, registry)
     phi = np.asarray(data.phi_angles_list, dtype=np.float64)
-    p = len(prep.names)
-    per_angle, fits = [], []
-    contrast, offset = np.full(phi.size, np.nan), np.full(phi.size, np.nan)
-    for k in range(phi.size):
-        sub_c2, sub_sigma = prep.c2[k : k + 1], prep.sigma_lag[k : k + 1]
-        sub = replace(
-            prep,
-            grid=make_grid(data.t1, phi[k : k + 1], data.q, L, data.dt),
-            c2=sub_c2,
-            sigma_lag=sub_sigma,
-            n_points=count_points(sub_c2, sub_sigma),
-            contrast0=prep.contrast0[k : k + 1],
-            offset0=prep.offset0[k : k + 1],
-        )
-        sub_settings = replace(s, per_angle_scaling="varpro")
-        prob, psi0, _ = _problem(sub, phi[k : k + 1], sub_settings, registry)
-        r = levenberg_marquardt(prob, prep.theta0, psi0, s.solver)
-        sd = np.sqrt(np.abs(np.diag(r.covariance_x)))[:p]
-        ok = r.converged and np.all(np.isfinite(sd))
-        fits.append((r, sd, ok))
-        contrast[k], offset[k] = r.contrast[0], r.offset[0]
-        per_angle.append(
-            {
-                "phi_deg": float(phi[k]),
-                "status": r.status,
-                "success": bool(ok),
-                "chi_squared": r.chi_squared,
-                "n_points": r.n_points,
-                "parameters": {
-                    n: {"value": float(v), "uncertainty": float(u)}
-                    for n, v, u in zip(prep.names, r.physical, sd, strict=True)
-                },
-            }
-        )
-    good = [(r, sd) for r, sd, ok in fits if ok]
-    rate = len(good) / phi.size
-    values, unc = np.full(p, np.nan), np.full(p, np.nan)
-    if good:
-        v = np.array([r.physical for r, _ in good])
-        w = 1.0 / np.maximum(np.array([sd for _, sd in good]), 1e-300) ** 2
-        values = (w * v).sum(0) / w.sum(0)
-        unc = 1.0 / np.sqrt(w.sum(0))
-    chi2 = float(sum(r.chi_squared for r, _, _ in fits))
-    n_points = int(sum(r.n_points for r, _, _ in fits))
-    n_fitted = p + 2 * phi.size
-    status = "converged" if rate >= s.min_success_rate else "failed"
-    reason = (
-        f"{len(good)} of {phi.size} angles converged (min_success_rate "
-        f"{s.min_success_rate}); parameters combined by inverse variance"
-    )
+    fits = [_fit_angle(data, prep, k, L, s, registry) for k in range(phi.size)]
+    used = np.array([_usable(r) for r, _ in fits], dtype=bool)
+    per_angle = [
+        _angle_record(float(phi[k]), r, prep.names, bool(used[k])) for k, (r, _) in enumerate(fits)
+    ]
+    results = [r for (r, _), u in zip(fits, used, strict=True) if u]
+    comb = _combine(prep, results, registry)
+    theta = comb.theta
+    at = _at_combined(prep, fits, used, theta)
+    chi2_k, contrast, offset, cov = at.chi2, at.contrast, at.offset, at.covariance
+    if set(at.missing) - set(comb.missing):  # identified by the angles' optima, not at θ
+        missing = set(at.missing) | set(comb.missing)
+        comb = comb._replace(missing=tuple(n for n in prep.names if n in missing), why=at.why)
+    consistency = _consistency(results, chi2_k[used], comb.rank)
+    n_full = sum(r.converged for r, _ in fits)
+    status, reason = _sequential_verdict(int(used.sum()), n_full, phi.size, s, comb, consistency)
     lo, hi = registry.bounds(prep.names)
-    cov = np.diag(unc**2)
+    unc = np.sqrt(np.abs(np.diag(cov)))
     combined = FitResult(
-        physical=values,
+        physical=theta,
         psi=np.zeros(0),
         contrast=contrast,
         offset=offset,
-        chi_squared=chi2,
-        n_points=n_points,
-        n_fitted=n_fitted,
-        covariance=np.full((p + 2 * phi.size,) * 2, np.nan),
+        chi_squared=float(chi2_k.sum()),
+        n_points=int(sum(r.n_points for r, _ in fits)),
+        n_fitted=int(np.sum(~prep.fixed)) + 2 * phi.size,
+        covariance=np.full((len(prep.names) + 2 * phi.size,) * 2, np.nan),
         covariance_x=cov,
         free=~prep.fixed,
-        at_lower=values <= lo,
-        at_upper=values >= hi,
+        at_lower=theta <= lo,
+        at_upper=theta >= hi,
         status=status,
         reason=reason,
-        iterations=int(sum(r.iterations for r, _, _ in fits)),
-        value_passes=int(sum(r.value_passes for r, _, _ in fits)),
-        jacobian_passes=int(sum(r.jacobian_passes for r, _, _ in fits)),
-        timings={"total_s": float(sum(r.timings["total_s"] for r, _, _ in fits))},
+        iterations=int(sum(r.iterations for r, _ in fits)),
+        value_passes=int(sum(r.value_passes for r, _ in fits)),
+        jacobian_passes=int(sum(r.jacobian_passes for r, _ in fits)),
+        timings={"total_s": float(sum(r.timings["total_s"] for r, _ in fits))},
+        not_identified=comb.missing,
     )
     out = NlsqOutcome(
         mode=prep.mode,
@@ -451,11 +602,13 @@ def fit_sequential(
         strategy="sequential",
         scaling_mode="varpro",
         uncertainties=unc,
-        chi2_per_angle=np.array([r.chi_squared for r, _, _ in fits]),
+        chi2_per_angle=chi2_k,
         diagnostics={"n_chunks": None, "note": "one problem per angle"},
         per_angle_fits=per_angle,
     )
-    out.diagnostics["success_rate"] = rate
+    out.diagnostics["success_rate"] = float(used.mean())
+    out.diagnostics["identified_alone"] = n_full
+    out.diagnostics["consistency"] = consistency
     return out
 
 
@@ -472,11 +625,39 @@ def fit(
 # ---------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------
-def quality_flag(out: NlsqOutcome) -> str:
+def scaling_flags(
+    contrast: np.ndarray, offset: np.ndarray, registry: Registry = REGISTRY
+) -> list[list[dict[str, Any]]]:
+    """Per angle, the scaling values outside their physical range.
+
+    Contrast must be > 0 (a zero or negative contrast means c2 does not decay as g1²
+    does: no signal, or c2 rising with lag) and within the registry bounds; the offset
+    within its registry bounds. varpro solves both without bounds, so this is where an
+    unphysical value is caught; the fit itself is not changed.
+    """
+    (c_lo, c_hi), (o_lo, o_hi) = registry["contrast"].bounds, registry["offset"].bounds
+    c_allowed = f"(0, {c_hi:g}]" if c_lo <= 0 else f"[{c_lo:g}, {c_hi:g}]"
+    out = []
+    for c, o in zip(np.asarray(contrast, float), np.asarray(offset, float), strict=True):
+        flags = []
+        if not (c > 0 and c_lo <= c <= c_hi):
+            flags.append({"flag": "contrast_out_of_range", "value": _finite(c),
+                          "allowed": c_allowed})  # fmt: skip
+        if not o_lo <= o <= o_hi:
+            flags.append({"flag": "offset_out_of_range", "value": _finite(o),
+                          "allowed": f"[{o_lo:g}, {o_hi:g}]"})  # fmt: skip
+        out.append(flags)
+    return out
+
+
+def quality_flag(out: NlsqOutcome, registry: Registry = REGISTRY) -> str:
+    """poor unless converged; good only with χ²_red in [0.8, 1.25], no parameter at a
+    bound and every angle's contrast and offset in range; warning otherwise."""
     r = out.result
     if not r.converged:
         return "poor"
-    if 0.8 <= r.reduced_chi_squared <= 1.25 and not np.any(r.at_lower | r.at_upper):
+    in_range = not any(scaling_flags(r.contrast, r.offset, registry))
+    if in_range and 0.8 <= r.reduced_chi_squared <= 1.25 and not np.any(r.at_lower | r.at_upper):
         return "good"
     return "warning"
 
@@ -490,6 +671,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[s
     p = len(out.names)
     c_unc = np.sqrt(np.abs(np.diag(r.covariance)))[p : p + out.phi_deg.size]
     o_unc = np.sqrt(np.abs(np.diag(r.covariance)))[p + out.phi_deg.size :]
+    flags = scaling_flags(r.contrast, r.offset, registry)
     return {
         "schema_version": SCHEMA_VERSION,
         "analysis_mode": out.mode,
@@ -500,6 +682,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[s
                 "unit": registry[name].unit,
                 "at_bound": bool(r.at_lower[k] or r.at_upper[k]),
                 "fixed": bool(not r.free[k]),
+                "identified": name not in r.not_identified,
             }
             for k, name in enumerate(out.names)
         },
@@ -509,6 +692,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[s
                 "contrast": {"value": float(r.contrast[k]), "uncertainty": _finite(c_unc[k])},
                 "offset": {"value": float(r.offset[k]), "uncertainty": _finite(o_unc[k])},
                 "chi_squared": float(out.chi2_per_angle[k]),
+                "flags": flags[k],
             }
             for k in range(out.phi_deg.size)
         ],
@@ -517,11 +701,13 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[s
         "reduced_chi_squared": r.reduced_chi_squared,
         "degrees_of_freedom": r.dof,
         "uncertainty_convention": "sqrt(diag((JᵀJ)⁻¹ · χ²_red)) at the optimum, σ from data",
+        "noise_scale": noise_scale_record(r.reduced_chi_squared),
         "convergence": {
             "status": r.status,
             "reason": r.reason,
             "iterations": r.iterations,
             "converged": r.converged,
+            "not_identified": list(r.not_identified),
         },
     }
 
@@ -551,7 +737,7 @@ def write_outputs(
             "chi_squared": r.chi_squared,
             "reduced_chi_squared": r.reduced_chi_squared,
             "degrees_of_freedom": r.dof,
-            "quality_flag": quality_flag(out),
+            "quality_flag": quality_flag(out, registry),
         },
         "dataset_info": {
             "n_angles": data.n_phi,
@@ -593,7 +779,7 @@ def write_outputs(
             "history": r.history,
         },
         "recovery_actions": [],
-        "quality_flag": quality_flag(out),
+        "quality_flag": quality_flag(out, registry),
         "device_info": {
             "platform": jax.devices()[0].platform,
             "jax": jax.__version__,
@@ -661,8 +847,9 @@ def nlsq_stage(
 ) -> NlsqOutcome:
     """Fit a QC'd dataset and write the four output files into ``out_dir``.
 
-    A fit that does not converge writes ``parameters.failed.json`` (the diagnostics)
-    and raises :class:`FitFailed` unless ``on_failure: warn``.
+    A fit that is not ``converged`` (including ``not_identified`` and ``failed``) writes
+    ``parameters.failed.json`` (the diagnostics) and raises :class:`FitFailed` unless
+    ``on_failure: warn``.
     """
     registry = REGISTRY.with_overrides(parameter_overrides)
     data = XpcsData.from_npz(in_npz)
@@ -674,9 +861,9 @@ def nlsq_stage(
             (out_dir / name).unlink(missing_ok=True)
         write_json(failed, parameters_record(out, registry))
         raise FitFailed(
-            f"NLSQ did not converge ({out.result.status}: {out.result.reason}); diagnostics in "
-            f"{failed}. Try other initial_parameters, multistart, or set "
-            "nlsq.on_failure: warn to keep the unconverged result"
+            f"NLSQ fit not usable ({out.result.status}: {out.result.reason}); diagnostics in "
+            f"{failed}. Try other initial_parameters, multistart, fixed_parameters, or set "
+            "nlsq.on_failure: warn to keep the result"
         )
     failed.unlink(missing_ok=True)
     write_outputs(out_dir, out, data, L, registry)

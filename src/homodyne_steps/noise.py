@@ -335,3 +335,26 @@ def summary(sigma_lag: np.ndarray) -> dict[str, Any]:
         for key, fn in (("median", np.median), ("min", np.min), ("max", np.max)):
             out[key].append(float(fn(row)) if row.size else None)
     return out
+
+
+NOISE_SCALE_TREATMENT = "sigma_times_sqrt_reduced_chi2"
+
+
+def noise_scale_record(reduced_chi_squared: float) -> dict[str, Any]:
+    """The one noise treatment of the NLSQ and CMC stages: σ × √χ²_red.
+
+    σ(angle, lag) is estimated from the data; the NLSQ covariance is (JᵀJ)⁻¹·χ²_red and the
+    CMC likelihood uses σ·√χ²_red of the same fit. Both therefore widen together when the
+    model misfits or σ is underestimated (and narrow together when σ is overestimated),
+    so their uncertainties agree on any data.
+    """
+    factor = math.sqrt(reduced_chi_squared) if reduced_chi_squared > 0 else float("nan")
+    return {
+        "treatment": NOISE_SCALE_TREATMENT,
+        "reduced_chi_squared": float(reduced_chi_squared),
+        "sigma_factor": factor,
+        "description": (
+            "σ(angle, lag) from the data, multiplied by √χ²_red of the NLSQ fit: NLSQ's "
+            "covariance (JᵀJ)⁻¹·χ²_red and CMC's likelihood use the same scale"
+        ),
+    }

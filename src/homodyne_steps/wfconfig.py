@@ -45,8 +45,10 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "cmc_plan": ("cmc_plan", "stratify", "scaling", "registry", "dataset", "settings", "serialise"),
     "cmc_shard": (
         "cmc_shard",
+        "cmc_space",
         "coordinates",
         "nlsq",
+        "noise",
         "model",
         "scaling",
         "registry",
@@ -57,6 +59,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     ),
     "cmc_combine": (
         "cmc_combine",
+        "cmc_space",
         "coordinates",
         "cmc_fitted",
         "nlsq_stage",

@@ -13,7 +13,9 @@ its shortest round-trip form, so it reads back to the same value). A parameter a
 does not have, or CMC that was not run, is an empty cell / ``null``.
 
 ``quality`` is the worst of the QC status, the NLSQ quality flag and the CMC quality
-flag (good, warning, poor); ``flags`` lists every reason, ``;``-separated.
+flag (good, warning, poor); ``flags`` lists every reason, ``;``-separated. A per-angle
+contrast or offset out of its physical range (``nlsq_scaling_out_of_range``) makes the
+NLSQ quality at least ``warning`` whatever the record says.
 """
 
 from __future__ import annotations
@@ -96,6 +98,17 @@ def _worst(*labels: str | None) -> str:
     return max(known, key=RANK.__getitem__) if known else "good"
 
 
+def _scaling_out_of_range(per_angle: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``contrast@phi=30``-style entries for the per-angle scaling flags of the NLSQ
+    record (``contrast_out_of_range``, ``offset_out_of_range``)."""
+    out = []
+    for entry in per_angle:
+        for f in entry.get("flags") or []:
+            what = str(f.get("flag", "")).removesuffix("_out_of_range")
+            out.append(f"{what}@phi={entry.get('phi_deg'):g}")
+    return out
+
+
 def summary_row(results_dir: str | os.PathLike[str], dataset: str) -> dict[str, Any]:
     """One dataset's row, nested by section (``flat_row`` makes the table row)."""
     files = dataset_files(results_dir, dataset)
@@ -141,6 +154,10 @@ def summary_row(results_dir: str | os.PathLike[str], dataset: str) -> dict[str, 
     at_bound = [n for n in names if (params.get(n) or {}).get("at_bound")]
     if at_bound:
         flags.append("nlsq_at_bound:" + ",".join(at_bound))
+    out_of_range = _scaling_out_of_range(nlsq.get("per_angle") or [])
+    if out_of_range:
+        flags.append("nlsq_scaling_out_of_range:" + ",".join(out_of_range))
+        nlsq_flag = _worst(nlsq_flag, "warning")
     if nlsq_flag != "good":
         flags.append(f"nlsq_{nlsq_flag}")
     nlsq_values = {
