@@ -1,19 +1,15 @@
 """Consensus Monte Carlo is exact, at any shard count, through the real shard model.
 
-The shard model (:func:`cmc_shard.sample_shard`: NumPyro NUTS on the tempered target of
-:mod:`cmc_space`) and the real combination stage are run with a likelihood chosen so
-that every shard posterior is an exact Gaussian in the combination coordinates u:
-L_k(θ) = N(u(θ); μ_k, KΣ) · [π(θ)·|∂θ/∂u|]^(−1/K), with a non-flat TruncatedNormal prior
-π in bounds. The K shard targets L_k·[π·|∂θ/∂u|]^(1/K) are then N(u; μ_k, KΣ), whose
-consensus is exactly N(u; mean μ_k, Σ): the full posterior of Π L_k · π. Any factor
-tempered wrongly (a Jacobian counted K times, the prior of a bounded site raised to the
-wrong power, a Jacobian of the sampling coordinates forgotten) leaves a non-Gaussian
-factor that moves the answer. The alpha posterior sits near 0.6, where the rates
-Jacobian 1/|m_early − m_late| changes by ~2 % per posterior sd, so 16 copies of it
-move the mean by about 0.3 sd. Every shard's Gaussian lies well inside the prior's
-bounds (a shard truncated by a bound is not Gaussian, and no consensus is exact then).
-The prior and Jacobian functions are checked here against SciPy and finite
-differences, independently of the package.
+Each shard's log-likelihood is an exact Gaussian in the combination coordinates u
+(:mod:`homodyne_steps.cmc_space`), L_k = N(u; μ_k, KΣ), so the product of the K shard
+likelihoods is N(u; mean μ_k, Σ). The prior is a non-flat TruncatedNormal in the
+registry parameters θ, with bounds, and as informative as the data in places: the full
+posterior, p(u) ∝ N(u; ū, Σ) · π(θ(u)) · |∂θ/∂u|, is far from Gaussian in u. It is
+computed here independently of the package (SciPy's truncated normal, a
+finite-difference Jacobian, importance sampling), and the consensus of K shards run
+through the real shard model (:func:`cmc_shard.sample_shard`) and the real combination
+stage must reproduce it. The textbook recipe (each shard with π^(1/K)) misses this by
+0.4 sd at K = 4 here: the tempered prior makes the shard posteriors skewed.
 """
 
 from __future__ import annotations
@@ -35,13 +31,14 @@ from homodyne_steps.cmc_space import (
     make_space,
     theta_from_w,
     w_from_theta,
+    with_surrogate,
 )
 
 NAMES = ("D0", "alpha", "D_offset")
 LOWER, UPPER = np.array([100.0, -2.0, -1e5]), np.array([1e5, 2.0, 1e5])
-PRIOR_MU, PRIOR_SD = np.array([8000.0, 0.4, 200.0]), np.array([5000.0, 0.3, 1000.0])
+PRIOR_MU, PRIOR_SD = np.array([3000.0, 0.2, 200.0]), np.array([3000.0, 0.3, 1000.0])
 T = 0.05 * np.arange(1, 301)  # s
-THETA_TRUE = np.array([1.0e4, 0.6, 300.0])
+THETA_TRUE = np.array([2500.0, 0.3, 300.0])
 
 
 def _space():
@@ -73,13 +70,26 @@ def _log_abs_jacobian(u, h=1e-6):
     return out
 
 
-def _gaussian_loglik(mu_u, precision, space, num_shards):
-    """N(u(θ); μ_k, KΣ) · [π(θ)·|∂θ/∂u|]^(−1/K): the shard's target becomes N(u; μ_k, KΣ)."""
+def _reference(u_mean, u_cov, rng, n=100_000):
+    """Mean and sd of θ under the full posterior, by importance sampling from the
+    Gaussian likelihood in u with weights π(θ(u))·|∂θ/∂u|."""
+    u = rng.multivariate_normal(u_mean, u_cov, n)
+    theta = _theta_from_u(u)
+    a, b = (LOWER - PRIOR_MU) / PRIOR_SD, (UPPER - PRIOR_MU) / PRIOR_SD
+    log_w = truncnorm.logpdf(theta, a, b, loc=PRIOR_MU, scale=PRIOR_SD).sum(-1)
+    ok = np.isfinite(log_w)
+    log_w[ok] += _log_abs_jacobian(u[ok])
+    w = np.where(ok, np.exp(log_w - log_w[ok].max()), 0.0)
+    w /= w.sum()
+    mean = w @ theta
+    sd = np.sqrt(w @ (theta - mean) ** 2)
+    return mean, sd, 1.0 / np.sum(w**2)
 
+
+def _gaussian_loglik(mu_u, precision, space):
     def loglik(theta):
         d = w_from_theta(theta, space, COMBINATION) - mu_u
-        cancel = log_prior(theta, space) + log_abs_det(theta, space, COMBINATION)
-        return -0.5 * d @ (precision @ d) - cancel / num_shards, {}
+        return -0.5 * d @ (precision @ d), {}
 
     return loglik
 
@@ -88,7 +98,7 @@ def _run(tmp_path, K, coords, u_means, u_cov_shard, space, sampler):
     precision = jnp.asarray(np.linalg.inv(u_cov_shard))
     ncs, jss = [], []
     for k in range(K):
-        loglik = _gaussian_loglik(jnp.asarray(u_means[k]), precision, space, K)
+        loglik = _gaussian_loglik(jnp.asarray(u_means[k]), precision, space)
         theta0 = np.asarray(theta_from_w(u_means.mean(0), space, "rates"))
         idata, rec = sample_shard(space, coords, K, loglik, theta0, sampler, shard=k)
         idata.posterior.attrs.update(
@@ -142,30 +152,33 @@ def test_prior_and_jacobian_against_scipy_and_finite_differences():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "coords,K,width,tol",
-    [("rates", 16, 0.5, 0.1), ("none", 4, 0.1, 0.2), ("log_reference", 4, 0.1, 0.2)],
+    [("rates", 16, 1.0, 0.15), ("none", 4, 0.25, 0.2), ("log_reference", 4, 0.25, 0.2)],
 )
 def test_consensus_is_the_full_posterior(tmp_path, coords, K, width, tol):
     # ``none`` samples (D0, alpha, D_offset) through their logits, where a wide posterior
     # is a curved valley that NUTS barely mixes in (the reason ``rates`` is the default);
-    # there the data are made 5 times more informative.
+    # there the data are made 4 times more informative.
     rng = np.random.default_rng(7)
-    space = _space()
-    u_true = np.asarray(w_from_theta(THETA_TRUE, space, "rates"))
-    # full-data likelihood N(u; ū, Σ) in (D_early, logit alpha, D_late), correlated as
-    # data make them
-    sd = width * np.array([40.0, 0.04, 60.0])
+    sd = width * np.array([40.0, 0.04, 60.0])  # (D_early, logit alpha, D_late)
     corr = np.array([[1.0, 0.5, 0.3], [0.5, 1.0, -0.4], [0.3, -0.4, 1.0]])
     cov = corr * np.outer(sd, sd)
+    base = _space()
+    u_true = np.asarray(w_from_theta(THETA_TRUE, base, "rates"))
     # shard likelihoods N(u; μ_k, K Σ) whose product is N(u; mean μ_k, Σ)
     u_means = u_true + rng.multivariate_normal(np.zeros(3), (K - 1) * cov, K)
+    ref_mean, ref_sd, ess = _reference(u_means.mean(0), cov, rng)
+    assert ess > 5_000  # the importance sampler itself is reliable
+    theta0 = np.asarray(theta_from_w(u_means.mean(0), base, "rates"))
+    space = with_surrogate(base, theta0, ref_sd)
     sampler = SamplerSettings(num_warmup=150, num_samples=1000, num_chains=2)
     out = _run(tmp_path, K, coords, u_means, K * cov, space, sampler)
     assert out.status != "not_converged", out.quality["warnings"]
-    u = np.asarray(w_from_theta(out.draws[..., :3], space, COMBINATION)).reshape(-1, 3)
-    z = (u.mean(0) - u_means.mean(0)) / sd
-    ratio = u.std(0) / sd
+    draws = out.draws.reshape(-1, out.draws.shape[-1])[:, :3]
+    z = (draws.mean(0) - ref_mean) / ref_sd
+    ratio = draws.std(0) / ref_sd
     assert np.all(np.abs(z) < tol), (coords, z, ratio)
     assert np.all(np.abs(ratio - 1) < tol), (coords, z, ratio)
-    np.testing.assert_allclose(np.corrcoef(u, rowvar=False), corr, atol=tol / 2)
+    report = json.loads((tmp_path / f"out_{coords}_{K}" / "combination_report.json").read_text())
+    assert report["prior_application"]["reliable"] is True
     post = az.from_netcdf(tmp_path / f"{coords}_{K}_0.nc").posterior
     assert post.attrs["prior_tempering"] == pytest.approx(1 / K)

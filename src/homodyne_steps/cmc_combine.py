@@ -1,41 +1,36 @@
 """The CMC combination stage: shard posteriors in, one consensus posterior and its files out.
 
-Consensus Monte Carlo (Scott et al. 2016) splits the data into K shards, samples each
-shard's posterior with the prior tempered to ``prior^(1/K)`` (:mod:`cmc_shard`, not
-here) and combines the shard draws into draws of the full-data posterior. This module
-reads the shard files, decides which shards to use, combines them, judges convergence
-and writes the results.
+Consensus Monte Carlo (Scott et al. 2016) splits the data into K shards and samples
+each shard's posterior (:mod:`cmc_shard`, not here); this module reads the shard files,
+decides which shards to use, combines their draws, applies the prior, judges
+convergence and writes the results. Shards target L_k·G^(1/K) in the combination
+coordinates u (:mod:`cmc_space`); their draws are mapped to u, combined there, given
+the prior by importance resampling (:func:`apply_prior`) and mapped back.
 
 Combination methods (``cmc.combine.method``):
 
 - ``consensus_mc``: precision-weighted consensus. ``W_k`` is the inverse of shard k's
   sample covariance (over all its chains and draws); draw ``i`` of the result is
-  ``(Σ W_k)⁻¹ Σ_k W_k θ_k(i)``, pairing draws by (chain, draw) index. Exact when every
+  ``(Σ W_k)⁻¹ Σ_k W_k u_k(i)``, pairing draws by (chain, draw) index. Exact when every
   shard posterior is Gaussian.
-- ``robust_consensus_mc`` (default): ``consensus_mc`` after excluding outlying shards
-  whose posterior mean of any parameter lies more than ``mad_threshold`` robust scales
-  from the median over shards; the scale is 1.4826 × MAD, floored at the median shard
-  posterior std so that honest scatter among a few shards is not called an outlier
-  (:func:`robust_exclusion`).
+- ``robust_consensus_mc`` (default): ``consensus_mc`` after excluding shards whose mean
+  of the sampled physical parameters lies further from the median of the shard means
+  than the shard's own posterior covariance allows (:func:`robust_exclusion`).
 - ``simple_average``: the mean over shards of ``θ_k(i)`` (a baseline for comparison; it
-  is not a posterior of the full data).
+  is not a posterior of the full data, and no prior is applied).
 
 Every method first drops shards whose divergence rate exceeds ``max_divergence_rate``
 (:func:`divergence_exclusion`). Neither filter ever aborts the stage: when a filter
-would drop all shards (divergences) or leave fewer than half of them (robust), it keeps
-them all and the outputs say what it found (warnings, ``combination_report.json``).
+would drop all shards (divergences) or leave fewer than half of them (outliers), it
+keeps them all and the outputs say what it found (warnings, ``combination_report.json``).
+Each shard is also judged on its own R-hat and ESS (:func:`shard_convergence`).
 
-Parameter vector: the physical parameters of the analysis mode in registry order, then
-``contrast_0..contrast_{n-1}`` and ``offset_0..offset_{n-1}`` when the posterior holds
-``contrast``/``offset`` (dims chain, draw and one angle dim, whatever its name). With
-``per_angle_scaling: individual`` they are sampled and join the physical parameters in
-the joint consensus. In any other mode they can only be derived quantities (numpyro
-deterministics of the physical parameters or of shared scaling coefficients, e.g. the
-variable-projection solution): collinear, so a joint precision matrix does not exist;
-they are combined per component with inverse-variance weights
-(:func:`marginal_consensus`, approximate) and reported as ``derived``. Other posterior
-variables (reparameterised latents, shared scaling coefficients) are not combined; the
-report lists them.
+Parameter vector: the sampled parameters (the shard's ``sampled_space``: physical
+parameters, then sampled scaling), then derived per-angle ``contrast_a``/``offset_a``
+(varpro, auto, fourier), which are combined per component with inverse-variance weights
+(:func:`marginal_consensus`, approximate) and reported as ``derived``. Shard files
+without a recorded space are combined as stored (physical parameters, and per-angle
+scaling when it is sampled).
 
 Output files (seed §10 names, plus ``schema_version``, ``combination_report.json`` and
 ``posterior.nc``): ``samples.npz``, ``posterior.nc``, ``diagnostics.json``,
@@ -61,7 +56,7 @@ import numpy as np
 from homodyne_steps.cmc_space import (
     COMBINATION,
     SampledSpace,
-    missing_prior_log_density,
+    log_prior_weight,
     space_from_attrs,
     theta_from_w,
     w_from_theta,
@@ -781,101 +776,75 @@ def from_combination(draws: np.ndarray, space: SampledSpace | None, n_joint: int
     return out
 
 
-def restore_prior(
-    draws_u: np.ndarray, space: SampledSpace | None, n_joint: int, fraction: float
+PARETO_K_MAX = 0.7  # Pareto k̂ of the prior weights above which importance sampling fails
+
+
+def apply_prior(
+    draws_u: np.ndarray,
+    space: SampledSpace | None,
+    n_joint: int,
+    surrogate_fraction: float,
+    seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Put back the prior share ``fraction`` that excluded shards took with them.
+    """Turn combined draws of L·G^f into draws of the full posterior L·π (cmc_space).
 
-    The kept shards' product carries [π·|∂θ/∂u|]^(1 − fraction). The combination, a
-    Gaussian N(m, S) in the combination coordinates u, is multiplied by exp(f(u)),
-    f = fraction·log[π·|∂θ/∂u|], and replaced by the Laplace approximation of the
-    product (its mode by Newton's method, its covariance from the Hessian there). Every
-    draw is moved by the affine map between the two Gaussians, so draws stay paired
-    (chains and R-hat keep their meaning).
+    Pareto-smoothed importance weights π(θ(u))·|∂θ/∂u| / G(u)^f (ArviZ ``psislw``), then
+    systematic resampling within each chain (draw order kept, so autocorrelation and
+    R-hat keep their meaning). The record gives the Pareto k̂ (> 0.7: the prior and the
+    data disagree so much that the weights cannot be trusted) and the weights' ESS.
     """
-    record: dict[str, Any] = {"excluded_prior_fraction": fraction}
-    if space is None:
-        record["method"] = "none"
-        record["summary"] = (
-            f"excluded shards took {fraction:.3g} of the prior with them; it was not restored "
-            "(the shard files record no sampled space)"
-        )
-        return draws_u, record
-    from homodyne_steps._jax import jax, jnp
-
-    u = draws_u[..., :n_joint].reshape(-1, n_joint)
-    m = u.mean(axis=0)
-    cov = np.atleast_2d(np.cov(u, rowvar=False))
-
-    def f(x):
-        return missing_prior_log_density(x, space, fraction)
-
-    # Laplace approximation of N(m, S)·exp(f): Newton's method for its mode (a few
-    # steps; one step suffices when the missing prior share is nearly quadratic)
-    sd = np.sqrt(np.diag(cov))
-    cov_s = cov / np.outer(sd, sd)
-    inv_cov_s = np.linalg.inv(cov_s)
-
-    def objective(x):
-        y = (x - jnp.asarray(m)) / jnp.asarray(sd)
-        return -0.5 * y @ (jnp.asarray(inv_cov_s) @ y) + f(x)
-
-    value_grad = jax.value_and_grad(objective)
-    hessian = jax.hessian(objective)
-    x, ok = m.copy(), True
-    for _ in range(20):
-        value, grad = (np.asarray(v) for v in value_grad(jnp.asarray(x)))
-        hess = np.atleast_2d(np.asarray(hessian(jnp.asarray(x))))
-        if not (np.isfinite(value) and np.all(np.isfinite(grad)) and np.all(np.isfinite(hess))):
-            ok = False
-            break
-        precision_s = -0.5 * (hess + hess.T) * np.outer(sd, sd)
-        evals, evecs = np.linalg.eigh(precision_s)
-        if evals[0] <= 0:
-            ok = False
-            break
-        step = sd * ((evecs / evals) @ evecs.T @ (grad * sd))
-        for _half in range(30):  # backtrack until the objective rises
-            if np.asarray(objective(jnp.asarray(x + step))) >= value:
-                break
-            step = step / 2
-        x = x + step
-        if np.max(np.abs(step / sd)) < 1e-6:
-            break
-    m_new = x
-    if ok:
-        hess = np.atleast_2d(np.asarray(hessian(jnp.asarray(x))))
-        evals, evecs = np.linalg.eigh(-0.5 * (hess + hess.T) * np.outer(sd, sd))
-        ok = bool(np.all(np.isfinite(evals)) and evals[0] > 0)
-    if not ok:
-        record["method"] = "none"
-        record["summary"] = (
-            f"excluded shards took {fraction:.3g} of the prior with them; it could not be "
-            "restored (the prior is not smooth and log-concave near the combined mean)"
-        )
-        return draws_u, record
-    cov_new_s = (evecs / evals) @ evecs.T
-    # u' = m' + A (u − m) with A Aᵀ-consistent square roots of the two covariances
-    transform_s = np.linalg.cholesky(cov_new_s) @ np.linalg.inv(np.linalg.cholesky(cov_s))
-    transform = transform_s * sd[:, None] / sd[None, :]
-    out = np.array(draws_u, copy=True)
-    out[..., :n_joint] = m_new + (draws_u[..., :n_joint] - m) @ transform.T
-    shift = (m_new - m) / sd
-    sd_ratio = np.sqrt(np.diag(cov_new_s))
-    record.update(
-        {
-            "method": "gaussian",
-            "coordinates": COMBINATION,
-            "max_mean_shift_sd": float(np.max(np.abs(shift))),
-            "sd_ratio_range": [float(sd_ratio.min()), float(sd_ratio.max())],
-            "summary": (
-                f"excluded shards took {fraction:.3g} of the prior with them; restored by "
-                "multiplying the combination by that share of the prior (Gaussian, in the "
-                f"combination coordinates): means moved by up to {np.max(np.abs(shift)):.2g} "
-                f"sd, sds scaled by {sd_ratio.min():.3g}-{sd_ratio.max():.3g}"
-            ),
+    if space is None or space.surrogate_mu is None:
+        return draws_u, {
+            "method": "none",
+            "summary": "the shard files record no surrogate prior: draws combined as stored",
         }
-    )
+    import arviz as az
+
+    C, D = draws_u.shape[:2]
+    with np.errstate(all="ignore"):
+        log_w = np.asarray(
+            log_prior_weight(draws_u[..., :n_joint], space, surrogate_fraction), dtype=float
+        )
+    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
+    inside = np.isfinite(log_w)
+    if not inside.any():
+        raise ShardError(
+            "every combined draw lies outside the prior bounds: the data and the prior "
+            "do not overlap"
+        )
+    flat = log_w.reshape(-1)
+    smoothed, k_hat = az.psislw(np.where(inside.reshape(-1), flat, -1e300), reff=1.0)
+    weights = np.exp(smoothed - smoothed.max()).reshape(C, D)
+    weights = np.where(inside, weights, 0.0)
+    ess = float(weights.sum() ** 2 / np.sum(weights**2))
+    rng = np.random.default_rng(seed)
+    out = np.array(draws_u, copy=True)
+    for c in range(C):
+        w = weights[c]
+        if w.sum() <= 0:  # a chain entirely outside the bounds: use the pooled weights
+            w = weights.reshape(-1)
+            pool = draws_u.reshape(C * D, -1)
+        else:
+            pool = draws_u[c]
+        cdf = np.cumsum(w / w.sum())
+        positions = (rng.uniform() + np.arange(D)) / D
+        out[c] = pool[np.minimum(np.searchsorted(cdf, positions), cdf.size - 1)]
+    k_hat = float(k_hat)
+    record = {
+        "method": "pareto_smoothed_importance_resampling",
+        "weights": (
+            f"π(θ(u))·|∂θ/∂u| / G(u)^{surrogate_fraction:.4g} in the combination coordinates"
+        ),
+        "pareto_k": k_hat,
+        "ess": ess,
+        "ess_fraction": ess / (C * D),
+        "draws_outside_bounds": int((~inside).sum()),
+        "reliable": bool(k_hat <= PARETO_K_MAX),
+        "summary": (
+            f"prior applied to the combined draws by importance resampling: Pareto k̂ "
+            f"{k_hat:.2f}, weight ESS {ess:.0f} of {C * D}"
+        ),
+    }
     return out, record
 
 
@@ -1299,8 +1268,10 @@ def combine_stage(
     labels = [sh.index for sh in kept]
     draws_u = combine_draws([sh.draws for sh in kept_u], s.method, n_joint, labels=labels)
     restoration = None
-    if excluded and s.method != "simple_average":
-        draws_u, restoration = restore_prior(draws_u, space, n_joint, len(excluded) / K)
+    if s.method != "simple_average":
+        powers = [sh.prior_tempering for sh in kept]
+        fraction = sum(powers) if all(x is not None for x in powers) else len(kept) / K
+        draws_u, restoration = apply_prior(draws_u, space, n_joint, fraction)
     draws = from_combination(draws_u, space, n_joint)
     shard_verdicts = {sh.index: shard_convergence(sh, s) for sh in shards}
     stuck = {k: v["problem"] for k, v in shard_verdicts.items() if v["problem"]}
@@ -1343,8 +1314,19 @@ def combine_stage(
         heterogeneous=heterogeneous,
         stuck_shards=stuck,
     )
-    if restoration is not None:
-        quality["warnings"].append(restoration["summary"])
+    if restoration is not None and restoration.get("reliable") is False:
+        quality["warnings"].append(
+            f"the prior weights of the combined draws have Pareto k̂ "
+            f"{restoration['pareto_k']:.2f} > {PARETO_K_MAX}: the prior and the data disagree "
+            "(or a parameter is not identified), and the posterior cannot be trusted"
+        )
+        quality["convergence_status"] = "not_converged"
+        quality["all_converged"] = False
+        quality["quality_flag"] = "poor"
+        quality["summary"] = (
+            "NOT CONVERGED: the prior could not be applied to the combined draws (Pareto "
+            f"k̂ {restoration['pareto_k']:.2f}). Do not use these estimates."
+        )
     tempering = [sh.prior_tempering for sh in shards]
     if any(t is not None and not math.isclose(t, 1.0 / K, rel_tol=1e-6) for t in tempering):
         quality["warnings"].append(
@@ -1575,7 +1557,7 @@ def combine_stage(
             if space is not None
             else "the parameters as stored (the shard files record no sampled space)"
         ),
-        "prior_restoration": restoration,
+        "prior_application": restoration,
         "not_converged_shards": [{"shard": k, "problem": stuck[k]} for k in sorted(stuck)],
         "jointly_combined": list(names[: first.n_joint]),
         "combined_per_component": list(names[first.n_joint :]),

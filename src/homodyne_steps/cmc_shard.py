@@ -13,16 +13,13 @@ w = 1/σ(angle, lag) from the NLSQ noise estimate. Then, per angle a::
 the Bayesian counterpart of NLSQ's variable projection: the sampler explores only the
 3 or 7 physical parameters, and the scaling uncertainty is carried into them.
 
-Priors: TruncatedNormal(μ, σ) in the registry bounds (``prior.type: registry``), or
-centred on the NLSQ value with width k·σ_NLSQ (``nlsq``), clipped to the bounds. With
-``prior.tempering`` each shard sees prior^(1/K), so the product of the K shard
-posteriors is the full posterior (the basis of consensus Monte Carlo).
-
-Optional reparameterisation ``log_reference``: D0 and γ̇0 are sampled as
-u = log D0 + alpha·log t_ref (the log diffusion coefficient at the geometric-mean time
-of the data, which the data pin down almost independently of alpha), likewise for
-γ̇0 and beta; the prior density is carried over with the Jacobian, and outputs are
-transformed back to D0 and γ̇0.
+Target: L_k(θ)·G(u)^(1/K) in the combination coordinates u, with G the broad Gaussian
+surrogate prior of :mod:`cmc_space`; the priors (TruncatedNormal(μ, σ) in the registry
+bounds, ``prior.type: registry``, or centred on the NLSQ value with width k·σ_NLSQ,
+``nlsq``) are recorded with the space and applied once, after the combination
+(:func:`cmc_combine.apply_prior`). NUTS samples one unconstrained vector in the
+coordinates ``reparameterize`` (``rates``, ``log_reference``, ``none``; see
+:mod:`cmc_space`); the registry parameters are deterministics.
 """
 
 from __future__ import annotations
@@ -46,6 +43,7 @@ from homodyne_steps.cmc_space import (
     make_space,
     shard_log_density,
     w_from_theta,
+    with_surrogate,
 )
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
@@ -294,6 +292,8 @@ def prepare_shard(
         float(np.clip(nlsq_params["parameters"][n]["value"], lo[k], hi[k]))
         for k, n in enumerate(names)
     ]
+    init_theta = np.array([*init_physical, *s_start], dtype=np.float64)
+    space = with_surrogate(space, init_theta, _surrogate_sd(nlsq_params, names, space))
     return ShardInputs(
         mode=mode,
         names=names,
@@ -305,11 +305,22 @@ def prepare_shard(
         scaling_matrix=smap.matrix,
         scaling_fixed=smap.fixed,
         space=space,
-        init_theta=np.array([*init_physical, *s_start], dtype=np.float64),
+        init_theta=init_theta,
         num_shards=num_shards,
         noise_scale=noise_scale,
         points=tuple(gather_points(fit_data, jnp.asarray(blocks[0]))),
     )
+
+
+def _surrogate_sd(nlsq_params: Mapping[str, Any], names, space: SampledSpace) -> np.ndarray:
+    """θ widths of the surrogate prior: the NLSQ uncertainty where it exists, else the
+    prior's σ (the scaling parameters, or a parameter NLSQ could not determine)."""
+    sd = np.array(space.prior_sigma, dtype=np.float64)
+    for k, n in enumerate(names):
+        unc = nlsq_params["parameters"][n].get("uncertainty")
+        if isinstance(unc, int | float) and math.isfinite(unc) and unc > 0:
+            sd[k] = min(float(unc), sd[k])
+    return sd
 
 
 def noise_scale_from_nlsq(nlsq_params: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,26 +1,27 @@
 r"""The space a CMC shard samples: its parameters, their priors, and the coordinates.
 
-Consensus Monte Carlo multiplies K shard posteriors, so each shard must target
+Consensus Monte Carlo multiplies K shard posteriors. The textbook recipe gives each
+shard the prior tempered to π^(1/K); then the product is the full posterior, but only
+if every shard posterior is Gaussian where the draws are combined, and a tempered prior
+is what makes them skewed: near alpha = 0 the data fix D(t) but not D0 and D_offset
+separately, D0 = (D_early − D_late)/(m_early(α) − m_late(α)) runs off to ±∞, and it is
+the prior on D0 and D_offset that holds alpha there, a strongly non-Gaussian factor
+(measured: 1 posterior sd between K = 1 and K = 4 on 3 φ × 150 frames, α = −0.1).
 
-    p_k(u) ∝ L_k(θ(u)) · [π(θ(u)) · |∂θ/∂u|]^(1/K)
+So the prior is applied once, after the combination, and exactly:
 
-in the coordinates u where the draws are *combined*: the prior and the Jacobian of
-every change of variables are tempered together, so that the product over the K shards
-counts each exactly once. Tempering only the prior and leaving a Jacobian whole counts
-that Jacobian K times: for the rates coordinates |∂θ/∂u| = 1/|m_early(α) − m_late(α)|,
-which grows without limit as α → 0, and for a bounded site NumPyro's own transform adds
-(x − lo)(hi − x) to a power that pushes mass to the bounds.
+1. Each shard targets L_k(θ(u)) · G(u)^(1/K) in the combination coordinates u, with G a
+   broad Gaussian *surrogate* prior in u (10 NLSQ standard deviations wide, so that it
+   only keeps the target proper). The likelihood is close to Gaussian in u (the model is
+   smooth in u even through alpha = 0), and so is each shard's posterior.
+2. The Gaussian consensus of the shards is then a draw of L·G^(K_used/K).
+3. Importance weights π(θ(u))·|∂θ/∂u| / G(u)^(K_used/K) (Pareto-smoothed) turn those
+   draws into draws of the full posterior L·π; the Pareto k̂ says whether they can.
 
-Here every shard samples one unconstrained vector w (``ImproperUniform``), and its
-log density is written out in full (:func:`shard_log_density`)::
-
-    log L_k(θ) + (1/K)·log π(θ) + log|∂θ/∂w| − (1 − 1/K)·log|∂θ/∂u|
-
-which is the density above expressed in w. The combination coordinates u are always
-:data:`COMBINATION` (the ``rates`` coordinates, see :mod:`coordinates`, with every
-bounded parameter through a logit), because there the shard posteriors are close to
-Gaussian, which consensus assumes; the sampling coordinates w (``cmc.sampler.
-reparameterize``) only change how efficiently NUTS explores, never the answer.
+Whatever the sampling coordinates w (``cmc.sampler.reparameterize``), the shard target
+is the same measure: in w it carries log|∂θ/∂w| − log|∂θ/∂u| (:func:`shard_log_density`).
+The combination coordinates u are always :data:`COMBINATION`, the ``rates`` coordinates
+(see :mod:`coordinates`) with every bounded parameter through a logit.
 
 Coordinates (per parameter, in the θ column order):
 
@@ -71,6 +72,9 @@ class SampledSpace:
     t_early: np.ndarray | None = None  # measured times (s) of the rates coordinates
     t_late: np.ndarray | None = None
     log_t_ref: float = 0.0
+    # the shards' surrogate prior G: independent normals in the combination coordinates
+    surrogate_mu: np.ndarray | None = None
+    surrogate_sd: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -102,6 +106,8 @@ class SampledSpace:
                 "t_early": arr(self.t_early),
                 "t_late": arr(self.t_late),
                 "log_t_ref": self.log_t_ref,
+                "surrogate_mu": arr(self.surrogate_mu),
+                "surrogate_sd": arr(self.surrogate_sd),
                 "combination": COMBINATION,
             }
         )
@@ -126,6 +132,8 @@ class SampledSpace:
             t_early=arr(m["t_early"]),
             t_late=arr(m["t_late"]),
             log_t_ref=float(m["log_t_ref"]),
+            surrogate_mu=arr(m.get("surrogate_mu")),
+            surrogate_sd=arr(m.get("surrogate_sd")),
         )
 
 
@@ -162,6 +170,31 @@ def make_space(
         t_late=t_late,
         log_t_ref=log_t_ref,
     )
+
+
+SURROGATE_WIDTH = 10.0  # the surrogate prior's width in NLSQ standard deviations
+
+
+def with_surrogate(
+    space: SampledSpace, theta0: Any, sd_theta: Any, width: float = SURROGATE_WIDTH
+) -> SampledSpace:
+    """``space`` with the surrogate prior G centred on θ0 in u, each sd ``width`` × the
+    θ standard deviations ``sd_theta`` carried to u (correlations ignored, which only
+    widens it)."""
+    from dataclasses import replace
+
+    from homodyne_steps._jax import jax
+
+    theta0 = jnp.asarray(np.asarray(theta0, dtype=np.float64))
+    jac = np.asarray(jax.jacfwd(lambda x: w_from_theta(x, space, COMBINATION))(theta0))
+    sd_u = width * np.sqrt((jac**2) @ (np.asarray(sd_theta, dtype=np.float64) ** 2))
+    u0 = np.asarray(w_from_theta(theta0, space, COMBINATION))
+    if not (np.all(np.isfinite(u0)) and np.all(np.isfinite(sd_u)) and np.all(sd_u > 0)):
+        raise ValueError(
+            f"cannot centre the shards' surrogate prior on {np.asarray(theta0).tolist()} "
+            f"(sd {np.asarray(sd_theta).tolist()}): a value on a bound or a zero width"
+        )
+    return replace(space, surrogate_mu=u0, surrogate_sd=sd_u)
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,25 +318,39 @@ def log_prior(theta, space: SampledSpace):
     return jnp.where(inside, -0.5 * jnp.sum(jnp.where(jnp.isfinite(z), z, 0.0) ** 2, -1), -jnp.inf)
 
 
+def log_surrogate(u, space: SampledSpace):
+    """log G(u) up to a constant: the shards' broad Gaussian surrogate prior."""
+    if space.surrogate_mu is None or space.surrogate_sd is None:
+        raise ValueError("the sampled space has no surrogate prior (surrogate_mu/sd)")
+    z = (jnp.asarray(u) - space.surrogate_mu) / space.surrogate_sd
+    return -0.5 * jnp.sum(z * z, axis=-1)
+
+
 def shard_log_density(w, space: SampledSpace, coords: str, num_shards: int, loglik_fn):
-    """log of L_k · [π·|∂θ/∂u|]^(1/K) expressed in the sampling coordinates w.
+    """log of L_k · G^(1/K) in the combination coordinates u, expressed in the sampling
+    coordinates w: log L_k + (1/K)·log G(u) + log|∂θ/∂w| − log|∂θ/∂u|.
 
     Returns (log density, θ, extra) with ``loglik_fn(θ) -> (log L_k, extra)``.
     """
-    temper = 1.0 / num_shards
     theta = theta_from_w(w, space, coords)
     loglik, extra = loglik_fn(theta)
-    log_target = temper * log_prior(theta, space) + log_abs_det(theta, space, coords)
-    if num_shards > 1 or coords != COMBINATION:
-        log_target = log_target - (1.0 - temper) * log_abs_det(theta, space, COMBINATION)
-    return loglik + log_target, theta, extra
+    if coords == COMBINATION:
+        u, log_jac = w, 0.0
+    else:
+        u = w_from_theta(theta, space, COMBINATION)
+        log_jac = log_abs_det(theta, space, coords) - log_abs_det(theta, space, COMBINATION)
+    return loglik + log_surrogate(u, space) / num_shards + log_jac, theta, extra
 
 
-def missing_prior_log_density(u, space: SampledSpace, fraction: float):
-    """``fraction`` × log[π·|∂θ/∂u|] at u (…, p) in the combination coordinates: the share
-    of the prior that excluded shards took with them."""
+def log_prior_weight(u, space: SampledSpace, surrogate_fraction: float):
+    """log[π(θ(u))·|∂θ/∂u| / G(u)^f]: the importance weight that turns draws of
+    Π_kept L_k·G^(1/K) = L·G^f (f = kept shards / K) into draws of L·π in u."""
     theta = theta_from_w(u, space, COMBINATION)
-    return fraction * (log_prior(theta, space) + log_abs_det(theta, space, COMBINATION))
+    return (
+        log_prior(theta, space)
+        + log_abs_det(theta, space, COMBINATION)
+        - surrogate_fraction * log_surrogate(u, space)
+    )
 
 
 def space_from_attrs(attrs: Mapping[str, Any]) -> SampledSpace | None:
@@ -322,7 +369,8 @@ __all__ = [
     "log_abs_det",
     "log_prior",
     "make_space",
-    "missing_prior_log_density",
+    "log_prior_weight",
+    "log_surrogate",
     "shard_log_density",
     "space_from_attrs",
     "theta_from_w",
