@@ -158,28 +158,26 @@ def test_shard_blocks_hold_exactly_the_shards_points_grouped_by_angle(tmp_path):
             assert np.all(row[row < n_total] // n_pairs == angle)
 
 
-@pytest.mark.slow
-def test_static_reference_posterior_recovers_the_truth(tmp_path):
-    data, truth = reference_data(seed=5)
-    qc, nlsq_dir = fit_and_plan(tmp_path, data, truth, "static", num_shards=2)
-    sampler = SamplerSettings.from_mapping({"num_warmup": 200, "num_samples": 400})
-    shards = []
-    for k in range(2):
+def sample_and_combine(tmp_path, qc, nlsq_dir, L, mode, n_shards, sampler):
+    """Every shard of the plan, then the combination (into tmp_path / "cmc")."""
+    shards, records = [], []
+    for k in range(n_shards):
         nc = tmp_path / "shards" / f"{k}.nc"
-        rec = cmc_shard_stage(
-            qc,
-            tmp_path / "plan.npz",
-            nlsq_dir / "parameters.json",
-            nlsq_dir / "fitted_data.npz",
-            k,
-            nc,
-            nc.with_suffix(".json"),
-            mode="static",
-            L=truth["L"],
-            sampler=sampler,
-            prior=PriorSettings(),
+        records.append(
+            cmc_shard_stage(
+                qc,
+                tmp_path / "plan.npz",
+                nlsq_dir / "parameters.json",
+                nlsq_dir / "fitted_data.npz",
+                k,
+                nc,
+                nc.with_suffix(".json"),
+                mode=mode,
+                L=L,
+                sampler=sampler,
+                prior=PriorSettings(),
+            )
         )
-        assert rec["n_points"] > 25_000 and rec["divergence_rate"] < 0.05
         shards.append(nc)
     out = combine_stage(
         shards,
@@ -188,6 +186,17 @@ def test_static_reference_posterior_recovers_the_truth(tmp_path):
         CombineSettings(),
         nlsq_parameters=nlsq_dir / "parameters.json",
     )
+    return records, out
+
+
+@pytest.mark.slow
+def test_static_reference_posterior_recovers_the_truth(tmp_path):
+    data, truth = reference_data(seed=5)
+    qc, nlsq_dir = fit_and_plan(tmp_path, data, truth, "static", num_shards=2)
+    sampler = SamplerSettings.from_mapping({"num_warmup": 200, "num_samples": 400})
+    records, out = sample_and_combine(tmp_path, qc, nlsq_dir, truth["L"], "static", 2, sampler)
+    for rec in records:
+        assert rec["n_points"] > 25_000 and rec["divergence_rate"] < 0.05
     params = json.loads((tmp_path / "cmc" / "parameters.json").read_text())
     nlsq = json.loads((nlsq_dir / "parameters.json").read_text())["parameters"]
     assert out.status != "not_converged"

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from homodyne_steps.cmc_combine import CombineSettings, combine_stage
-from homodyne_steps.cmc_shard import PriorSettings, SamplerSettings, cmc_shard_stage
-from test_cmc import fit_and_plan, reference_data
+from homodyne_steps.cmc_shard import SamplerSettings
+from test_cmc import fit_and_plan, reference_data, sample_and_combine
 
 ROOT = Path(__file__).resolve().parents[1]
 PHYSICAL = ("D0", "alpha", "D_offset")
@@ -133,30 +132,7 @@ def test_cmc_sd_matches_nlsq_sigma_under_misfit(tmp_path):
     chi2_red = nlsq["reduced_chi_squared"]
     assert 1.5 < chi2_red < 3.0, chi2_red
     sampler = SamplerSettings.from_mapping({"num_warmup": 150, "num_samples": 500})
-    shards = []
-    for k in range(2):
-        nc = tmp_path / "shards" / f"{k}.nc"
-        cmc_shard_stage(
-            qc,
-            tmp_path / "plan.npz",
-            nlsq_dir / "parameters.json",
-            nlsq_dir / "fitted_data.npz",
-            k,
-            nc,
-            nc.with_suffix(".json"),
-            mode="static",
-            L=truth["L"],
-            sampler=sampler,
-            prior=PriorSettings(),
-        )
-        shards.append(nc)
-    out = combine_stage(
-        shards,
-        [p.with_suffix(".json") for p in shards],
-        tmp_path / "cmc",
-        CombineSettings(),
-        nlsq_parameters=nlsq_dir / "parameters.json",
-    )
+    _, out = sample_and_combine(tmp_path, qc, nlsq_dir, truth["L"], "static", 2, sampler)
     cmc = json.loads((tmp_path / "cmc" / "parameters.json").read_text())
     ratios = {
         n: cmc["parameters"][n]["std"] / nlsq["parameters"][n]["uncertainty"] for n in PHYSICAL

@@ -10,10 +10,12 @@ the prior on D0 and D_offset that holds alpha there, a strongly non-Gaussian fac
 
 So the prior is applied once, after the combination, and exactly:
 
-1. Each shard targets L_k(θ(u)) · G(u)^(1/K) in the combination coordinates u, with G a
-   broad Gaussian *surrogate* prior in u (10 NLSQ standard deviations wide, so that it
-   only keeps the target proper). The likelihood is close to Gaussian in u (the model is
-   smooth in u even through alpha = 0), and so is each shard's posterior.
+1. Each shard targets L_k(θ(u)) · G(u)^(1/K) · 1[θ(u) in the bounds] in the combination
+   coordinates u, with G a Gaussian *surrogate* prior in u (centred on the NLSQ optimum,
+   3 NLSQ standard deviations wide: it keeps the target proper and near the data, and
+   being Gaussian it leaves the shard posteriors as Gaussian as the likelihood, which
+   is close to Gaussian in u). The bounds (an indicator, the same at any power) keep
+   the sampler where θ(u) is finite.
 2. The Gaussian consensus of the shards is then a draw of L·G^(K_used/K).
 3. Importance weights π(θ(u))·|∂θ/∂u| / G(u)^(K_used/K) (Pareto-smoothed) turn those
    draws into draws of the full posterior L·π; the Pareto k̂ says whether they can.
@@ -172,7 +174,7 @@ def make_space(
     )
 
 
-SURROGATE_WIDTH = 10.0  # the surrogate prior's width in NLSQ standard deviations
+SURROGATE_WIDTH = 3.0  # the surrogate prior's width in NLSQ standard deviations
 
 
 def with_surrogate(
@@ -327,13 +329,19 @@ def log_surrogate(u, space: SampledSpace):
 
 
 def shard_log_density(w, space: SampledSpace, coords: str, num_shards: int, loglik_fn):
-    """log of L_k · G^(1/K) in the combination coordinates u, expressed in the sampling
-    coordinates w: log L_k + (1/K)·log G(u) + log|∂θ/∂w| − log|∂θ/∂u|.
+    """log of L_k · G^(1/K) · 1[θ in the bounds] in the combination coordinates u,
+    expressed in the sampling coordinates w: log L_k + (1/K)·log G(u) + log|∂θ/∂w| −
+    log|∂θ/∂u| (−inf outside the bounds).
 
     Returns (log density, θ, extra) with ``loglik_fn(θ) -> (log L_k, extra)``.
     """
     theta = theta_from_w(w, space, coords)
     loglik, extra = loglik_fn(theta)
+    # The prior's support, not its density: an indicator is the same at any power, so
+    # the product of the shards keeps exactly one. It keeps each shard where θ(u) is
+    # defined (near alpha = 0, D0 and D_offset run off to ±inf at fixed u).
+    inside = jnp.all((theta >= space.lower) & (theta <= space.upper), axis=-1)
+    loglik = jnp.where(inside, loglik, -jnp.inf)
     if coords == COMBINATION:
         u, log_jac = w, 0.0
     else:
