@@ -61,6 +61,7 @@ def make_shard(
     n_angles: int = 2,
     divergence_rate: float = 0.0,
     stuck: bool = False,
+    frozen: bool = False,
     seed: int | None = None,
     num_shards: int | None = None,
     json_index: int | None = None,
@@ -83,6 +84,8 @@ def make_shard(
         x = rng.normal(mu, sd, shape)
         if stuck:
             x += 10 * sd * np.arange(n_chains)[:, None]
+        if frozen:  # a sampler that stopped moving: three points, each held for long
+            x = np.repeat(x.reshape(-1)[:3], -(-x.size // 3))[: x.size].reshape(shape)
         posterior[name] = x
     if mode == "laminar_flow":
         for name, mu, sd in FLOW_TRUTH:
@@ -263,6 +266,25 @@ def test_divergence_exclusion():
     assert "0.5" in reasons[1] and reasons[0] is None
     kept, reasons = divergence_exclusion([0.3, 0.5], 0.1)
     assert kept.all() and all("kept" in r for r in reasons)
+
+
+def test_a_shard_whose_sampler_stopped_moving_is_excluded_and_fails_the_run(tmp_path):
+    # A collapsed step size in a short warmup leaves a few repeated points: their
+    # covariance is singular, so the shard has no consensus weight. The combination goes
+    # on without it, names it, and the run is not_converged (it used to stop the stage).
+    ncs, jss = make_set(tmp_path / "s", 4, n_draws=150, per_shard={2: {"frozen": True}})
+    outcome = combine_stage(ncs, jss, tmp_path / "out")
+    assert outcome.kept == [0, 1, 3]
+    report = _strict_json(tmp_path / "out" / "combination_report.json")
+    assert [(e["shard"], e["excluded_by"]) for e in report["excluded_shards"]] == [
+        (2, "degenerate")
+    ]
+    conv = _strict_json(tmp_path / "out" / "parameters.json")["convergence"]
+    assert conv["status"] == "not_converged" and "[2]" in conv["summary"], conv
+    # every shard frozen: nothing to combine, and the error names the shard
+    ncs, jss = make_set(tmp_path / "t", 2, n_draws=150, frozen=True)
+    with pytest.raises(ShardError, match="shard 0: the sample covariance"):
+        combine_stage(ncs, jss, tmp_path / "out2")
 
 
 def test_quality_labels():
@@ -631,15 +653,14 @@ def test_one_stuck_shard_makes_the_run_not_converged_and_is_named(tmp_path):
 
 
 def test_the_prior_is_applied_once_and_excluded_shards_take_only_their_data(tmp_path):
-    # Shard draws Gaussian in the combination coordinates u, standing for
-    # L_k·G^(1/K) (G: the recorded surrogate prior); shard 3 is an outlier. The kept
-    # shards' consensus is L_kept·G^(3/4); the stage must return L_kept·π·|∂θ/∂u|,
-    # computed here by importance sampling with SciPy's truncated normal.
+    # Gaussian likelihoods L_k in the combination coordinates u; each shard's draws come
+    # from L_k·G^(1/K) (G: the recorded surrogate prior, Gaussian in u, so the product is
+    # Gaussian); shard 3 is an outlier. The stage must return L_kept·π·|∂θ/∂u|, computed
+    # here without G: draws of the Gaussian L_kept weighted by SciPy's truncated normal.
     from scipy.stats import truncnorm
 
     from homodyne_steps.cmc_space import (
         log_abs_det,
-        log_surrogate,
         theta_from_w,
         w_from_theta,
         with_surrogate,
@@ -655,13 +676,17 @@ def test_the_prior_is_applied_once_and_excluded_shards_take_only_their_data(tmp_
     u0 = np.asarray(w_from_theta(theta0, space, "rates"))
     sd_u = np.abs(u0) * np.array([0.01, 0.0, 0.01]) + np.array([0.0, 0.03, 0.0])
     K, rng = 4, np.random.default_rng(5)
-    cov_k = np.diag((np.sqrt(K) * sd_u) ** 2)
+    prec_lik = np.diag(1.0 / (np.sqrt(K) * sd_u) ** 2)  # each L_k: N(means[k], prec_lik⁻¹)
     means = [u0 + rng.normal(0, sd_u * np.sqrt(K - 1)) for _ in range(K)]
     means[3] = u0 + 40 * np.sqrt(K) * sd_u  # the outlier
+    prec_g, mu_g = space.surrogate_precision, space.surrogate_mu
+    prec_shard = prec_lik + prec_g / K
+    cov_shard = np.linalg.inv(prec_shard)
     (tmp_path / "s").mkdir()
     ncs, jss = [], []
     for k in range(K):
-        u = rng.multivariate_normal(means[k], cov_k, size=(2, 3000))
+        m_k = cov_shard @ (prec_lik @ means[k] + prec_g @ mu_g / K)
+        u = rng.multivariate_normal(m_k, cov_shard, size=(2, 3000))
         theta = np.asarray(theta_from_w(u, space, "rates"))
         idata = az.from_dict(
             posterior={n: theta[..., j] for j, n in enumerate(names)},
@@ -683,15 +708,14 @@ def test_the_prior_is_applied_once_and_excluded_shards_take_only_their_data(tmp_
     applied = report["prior_application"]
     assert applied["method"] == "pareto_smoothed_importance_resampling" and applied["reliable"]
     assert "G(u)^0.75" in applied["weights"]
-    # reference: Gaussian product of the kept shards × π |J| / G^(3/4)
-    prec = 3 * np.linalg.inv(cov_k)
-    m = np.linalg.solve(prec, sum(np.linalg.inv(cov_k) @ means[k] for k in range(3)))
+    # reference: the kept shards' Gaussian likelihood product × π |J|
+    prec = 3 * prec_lik
+    m = np.linalg.solve(prec, sum(prec_lik @ means[k] for k in range(3)))
     u = rng.multivariate_normal(m, np.linalg.inv(prec), 400_000)
     theta = np.asarray(theta_from_w(u, space, "rates"))
     a, b = (lo - mu_p) / sd_p, (hi - mu_p) / sd_p
     log_w = truncnorm.logpdf(theta, a, b, loc=mu_p, scale=sd_p).sum(-1)
     log_w += np.asarray(log_abs_det(theta, space, "rates"))
-    log_w -= 0.75 * np.asarray(log_surrogate(u, space))
     w = np.exp(log_w - log_w.max())
     w /= w.sum()
     ref_mean = w @ theta

@@ -800,6 +800,10 @@ def test_not_identified_fails_the_stage_unless_warn(flat_case, tmp_path):
     assert all(params["parameters"][n]["uncertainty"] is None for n in STATIC_NAMES)
     analysis = load_strict_json(out_dir / "analysis_results_nlsq.json")
     assert analysis["fit_quality"]["quality_flag"] == "poor"
+    # an undefined covariance is null, not 0 (which would read as "known, uncorrelated")
+    assert all(x is None for row in analysis["covariance"]["matrix"] for x in row)
+    # an undefined covariance is null, not 0 (which would read as "known, uncorrelated")
+    assert all(x is None for row in analysis["covariance"]["matrix"] for x in row)
 
 
 def test_combine_information_is_gls_with_partial_identification():

@@ -135,6 +135,35 @@ def test_plot_nlsq_figures(results_tree, tmp_path, name):
     assert width == (1300 if DATASETS[name]["mode"] == "laminar_flow" else 700)
 
 
+def test_undefined_nlsq_covariance_draws_no_band(results_tree, tmp_path):
+    # A not_identified fit writes null covariance entries: its D(t) panel must show no
+    # band (a zero-width band would claim a perfectly known D(t)), the shear panel keeps
+    # its own, and the stage still writes every figure.
+    nlsq = tmp_path / "nlsq"
+    shutil.copytree(results_tree / "lam" / "nlsq", nlsq)
+    path = nlsq / "analysis_results_nlsq.json"
+    analysis = json.loads(path.read_text())
+    names, matrix = analysis["covariance"]["names"], analysis["covariance"]["matrix"]
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if {a, b} & {"D0", "D_offset"}:
+                matrix[i][j] = None
+    path.write_text(json.dumps(analysis))
+    plot_nlsq_stage(nlsq, tmp_path / "n")
+    check_figure_dir(tmp_path / "n")
+
+    from homodyne_steps.plot_common import plt
+    from homodyne_steps.plot_nlsq import _covariance, transport_coefficients
+    from homodyne_steps.registry import REGISTRY
+
+    params = json.loads((nlsq / "parameters.json").read_text())["parameters"]
+    cov = _covariance(analysis, REGISTRY.physical_names("laminar_flow"))
+    fig, _ = transport_coefficients(params, cov, np.linspace(0.1, 10, 50), "laminar_flow")
+    d_panel, shear_panel = fig.axes[0], fig.axes[1]
+    assert len(d_panel.collections) == 0 and len(shear_panel.collections) == 2
+    plt.close(fig)
+
+
 def test_plot_qc_page_with_issues_and_repairs(results_tree, tmp_path):
     from homodyne_steps.dataset import XpcsData
     from homodyne_steps.qc import qc_stage

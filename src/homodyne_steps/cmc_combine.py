@@ -327,6 +327,42 @@ def robust_exclusion(
     return kept, reasons
 
 
+DEGENERATE_EIGENVALUE = 1e-9  # smallest eigenvalue of a shard's draw correlation matrix
+
+
+def degenerate_exclusion(
+    shard_draws: Sequence[np.ndarray],
+) -> tuple[np.ndarray, list[str | None]]:
+    """Exclude shards whose draws do not span every sampled direction; ``(kept, reasons)``.
+
+    A sampler that stopped moving (a step size collapsed in a short warmup) leaves a few
+    repeated points: their sample covariance is singular, so the shard has no consensus
+    weight and no outlier test, and the run is not_converged with the shard named. If every shard
+    is degenerate, all are kept (the consensus then refuses with the shard named).
+    """
+    reasons: list[str | None] = []
+    for draws in shard_draws:
+        flat = np.asarray(draws, dtype=np.float64).reshape(-1, draws.shape[-1])
+        cov = np.atleast_2d(np.cov(flat, rowvar=False)) if flat.shape[0] > 1 else None
+        sd = np.sqrt(np.clip(np.diagonal(cov), 0.0, None)) if cov is not None else None
+        ok = cov is not None and bool(np.all(sd > 0))
+        # rank from the correlation matrix: round-off lets Cholesky pass a rank-deficient one
+        ok = ok and float(np.linalg.eigvalsh(cov / np.outer(sd, sd))[0]) > DEGENERATE_EIGENVALUE
+        reasons.append(
+            None
+            if ok
+            else (
+                "its draws do not vary in every sampled direction (the sampler stopped "
+                "moving): no consensus weight"
+            )
+        )
+    kept = np.array([r is None for r in reasons], dtype=bool)
+    if kept.size and not kept.any():
+        kept[:] = True
+        reasons = [None] * kept.size
+    return kept, reasons
+
+
 def divergence_exclusion(
     divergence_rates: Sequence[float], max_rate: float
 ) -> tuple[np.ndarray, list[str | None]]:
@@ -705,14 +741,15 @@ class Selection:
 
     kept: list[Shard]
     excluded: dict[int, str]  # shard index -> reason
-    excluded_by: dict[int, str]  # shard index -> "divergence" | "outlier"
+    excluded_by: dict[int, str]  # shard index -> "degenerate" | "divergence" | "outlier"
     flagged_kept: dict[int, str]
 
 
 def select_shards(shards: Sequence[Shard], settings: CombineSettings) -> Selection:
-    """The divergence filter, then (``robust_consensus_mc`` only) the outlier test on
-    the shards that passed it, on the sampled physical parameters of ``shards``' draws
-    (the stage passes them in the combination coordinates)."""
+    """Shards whose draws are degenerate go first, then the divergence filter, then
+    (``robust_consensus_mc`` only) the outlier test on the shards that passed them, on
+    the sampled physical parameters of ``shards``' draws (the stage passes them in the
+    combination coordinates)."""
     sel = Selection(kept=list(shards), excluded={}, excluded_by={}, flagged_kept={})
 
     def apply(keep: np.ndarray, reasons: list[str | None], stage: str) -> None:
@@ -726,6 +763,8 @@ def select_shards(shards: Sequence[Shard], settings: CombineSettings) -> Selecti
                 sel.excluded[sh.index], sel.excluded_by[sh.index] = reason, stage
         sel.kept = [sh for sh, k in zip(sel.kept, keep, strict=True) if k]
 
+    n_joint = sel.kept[0].n_joint
+    apply(*degenerate_exclusion([sh.draws[..., :n_joint] for sh in sel.kept]), "degenerate")
     apply(
         *divergence_exclusion(
             [sh.divergence_rate for sh in sel.kept], settings.max_divergence_rate
@@ -1275,6 +1314,9 @@ def combine_stage(
     draws = from_combination(draws_u, space, n_joint)
     shard_verdicts = {sh.index: shard_convergence(sh, s) for sh in shards}
     stuck = {k: v["problem"] for k, v in shard_verdicts.items() if v["problem"]}
+    for k, stage in excluded_stage.items():  # ESS of a few repeated points can look fine
+        if stage == "degenerate" and k not in stuck:
+            stuck[k] = excluded[k]
     summary = posterior_summary(draws, names)
 
     # -- diagnostics ---------------------------------------------------------------------

@@ -712,6 +712,10 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[s
     }
 
 
+def _finite_or_null(matrix: np.ndarray) -> list[list[float | None]]:
+    return [[float(x) if np.isfinite(x) else None for x in row] for row in np.asarray(matrix)]
+
+
 def write_outputs(
     out_dir: str | os.PathLike[str],
     out: NlsqOutcome,
@@ -753,8 +757,9 @@ def write_outputs(
             "iterations": r.iterations,
             "execution_time": out.timings.get("fit_s"),
         },
-        "covariance": {"names": names, "matrix": np.where(np.isfinite(cov), cov, 0.0).tolist()},
-        "correlation": {"names": names, "matrix": np.where(np.isfinite(corr), corr, 0.0).tolist()},
+        # null where undefined (a not_identified direction): 0 would claim "no correlation"
+        "covariance": {"names": names, "matrix": _finite_or_null(cov)},
+        "correlation": {"names": names, "matrix": _finite_or_null(corr)},
         "noise": {
             "method": "per-lag robust scatter along the age direction",
             **summary(out.sigma_lag),

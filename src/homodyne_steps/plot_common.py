@@ -66,6 +66,10 @@ STATUS_COLOURS = {
     "converged": "#2e7d32",
     "converged_with_warnings": "#ef6c00",
     "not_converged": "#c62828",
+    "failed": "#c62828",
+    "not_identified": "#c62828",
+    "weakly_identified": "#ef6c00",
+    "max_iterations": "#c62828",
 }
 
 

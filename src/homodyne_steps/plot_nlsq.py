@@ -40,6 +40,7 @@ from homodyne_steps.plot_common import (
     read_arrays,
     read_record,
     robust_limits,
+    status_colour,
     style,
 )
 from homodyne_steps.registry import REGISTRY, canonical_mode
@@ -175,6 +176,7 @@ def residual_histogram(fd: dict[str, np.ndarray], reduced_chi2: float | None):
 def _covariance(analysis: dict[str, Any], names: tuple[str, ...]) -> np.ndarray:
     cov = analysis.get("covariance") or {}
     cov_names = cov.get("names") or []
+    # null entries (undefined covariance) become NaN
     matrix = np.asarray(cov.get("matrix") or [], dtype=np.float64)
     out = np.zeros((len(names), len(names)))
     if matrix.ndim == 2 and matrix.shape == (len(cov_names), len(cov_names)):
@@ -199,7 +201,8 @@ def transport_coefficients(params: dict[str, Any], cov: np.ndarray, t: np.ndarra
     the relative half-width of the 68 % band (the bands of precise data are thin)."""
     names = REGISTRY.physical_names(mode)
     theta = np.array([params[n]["value"] for n in names], dtype=np.float64)
-    draws = parameter_draws(theta, cov, N_BAND_DRAWS)
+    # NaN: a direction the fit could not fix (not_identified); its panel gets no band
+    draws = parameter_draws(theta, np.where(np.isfinite(cov), cov, 0.0), N_BAND_DRAWS)
     dt = float(t[1] - t[0]) if t.size > 1 else 1.0
     tt = np.geomspace(max(float(t[0]), dt / 2), float(t[-1]), 200)
     panels = [("D", r"$D(t)$ (Å$^2$/s)", ("D0", "alpha", "D_offset"), 0)]
@@ -223,9 +226,18 @@ def transport_coefficients(params: dict[str, Any], cov: np.ndarray, t: np.ndarra
         with np.errstate(over="ignore", invalid="ignore"):
             curves = draws[:, j, None] * tt ** draws[:, j + 1, None] + draws[:, j + 2, None]
         best = theta[j] * tt ** theta[j + 1] + theta[j + 2]
+        defined = bool(np.all(np.isfinite(cov[j : j + 3, j : j + 3])))
         lo95, lo68, hi68, hi95 = np.nanpercentile(curves, [2.5, 16, 84, 97.5], axis=0)
-        ax.fill_between(tt, lo95, hi95, color="C0", alpha=0.18, lw=0, label="95 % band")
-        ax.fill_between(tt, lo68, hi68, color="C0", alpha=0.38, lw=0, label="68 % band")
+        if defined:
+            ax.fill_between(tt, lo95, hi95, color="C0", alpha=0.18, lw=0, label="95 % band")
+            ax.fill_between(tt, lo68, hi68, color="C0", alpha=0.38, lw=0, label="68 % band")
+        else:
+            hi68 = lo68 = np.full_like(tt, np.nan)
+            ax_rel.text(
+                0.5, 0.5, "no band: the fit did not identify these parameters",
+                transform=ax_rel.transAxes, ha="center", va="center", fontsize=9,
+                color=status_colour("not_identified"),
+            )  # fmt: skip
         ax.plot(tt, best, "C0-", lw=2, label="NLSQ estimate")
         ax.set_xscale("log")
         ax.xaxis.set_minor_locator(NullLocator())  # ~0.05 s an axis; decades suffice
