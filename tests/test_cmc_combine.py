@@ -679,7 +679,7 @@ def test_the_prior_is_applied_once_and_excluded_shards_take_only_their_data(tmp_
     prec_lik = np.diag(1.0 / (np.sqrt(K) * sd_u) ** 2)  # each L_k: N(means[k], prec_lik⁻¹)
     means = [u0 + rng.normal(0, sd_u * np.sqrt(K - 1)) for _ in range(K)]
     means[3] = u0 + 40 * np.sqrt(K) * sd_u  # the outlier
-    prec_g, mu_g = space.surrogate_precision, space.surrogate_mu
+    prec_g, mu_g = np.diag(1.0 / space.surrogate_sd**2), space.surrogate_mu
     prec_shard = prec_lik + prec_g / K
     cov_shard = np.linalg.inv(prec_shard)
     (tmp_path / "s").mkdir()

@@ -150,49 +150,6 @@ def test_prior_and_jacobian_against_scipy_and_finite_differences():
         )
 
 
-def test_surrogate_follows_the_prior_where_the_data_are():
-    # G must match log[π(θ(u))·|∂θ/∂u|] at u0 in gradient, and in curvature up to the
-    # broad part (independent reference: SciPy's truncated normal, the hand-written
-    # θ(u) and central differences), so that the weights π·|J|/G that restore the prior
-    # after the consensus are flat near u0.
-    space = _space()
-    theta0 = THETA_TRUE
-    sd_theta = np.array([200.0, 0.01, 100.0])
-    g = with_surrogate(space, theta0, sd_theta)
-    u0 = np.asarray(w_from_theta(theta0, space, "rates"))
-    a, b = (LOWER - PRIOR_MU) / PRIOR_SD, (UPPER - PRIOR_MU) / PRIOR_SD
-
-    def log_target(u):
-        theta = _theta_from_u(np.atleast_2d(u))
-        lp = truncnorm.logpdf(theta, a, b, loc=PRIOR_MU, scale=PRIOR_SD).sum(-1)
-        return float(lp[0] + _log_abs_jacobian(np.atleast_2d(u), h=1e-7)[0])
-
-    h = np.array([1.0, 1e-3, 1.0])
-    eye = np.eye(3)
-    grad = np.array(
-        [(log_target(u0 + h[j] * eye[j]) - log_target(u0 - h[j] * eye[j])) / (2 * h[j])
-         for j in range(3)]
-    )  # fmt: skip
-    hess = np.empty((3, 3))
-    for i in range(3):
-        for j in range(3):
-            di, dj = h[i] * eye[i], h[j] * eye[j]
-            hess[i, j] = (
-                log_target(u0 + di + dj) - log_target(u0 + di - dj)
-                - log_target(u0 - di + dj) + log_target(u0 - di - dj)
-            ) / (4 * h[i] * h[j])  # fmt: skip
-    g_grad = -g.surrogate_precision @ (u0 - g.surrogate_mu)
-    np.testing.assert_allclose(g_grad, grad, rtol=1e-3, atol=1e-3 * np.abs(grad).max())
-    broad = np.diag(1.0 / g.surrogate_sd**2)
-    evals = np.linalg.eigvalsh(-0.5 * (hess + hess.T))
-    assert evals.min() > 0  # this prior is log-concave in u here: nothing is clipped
-    np.testing.assert_allclose(g.surrogate_precision - broad, -hess, rtol=0.02, atol=1e-12)
-    np.testing.assert_allclose(g.surrogate_sd, 3.0 * np.sqrt(
-        np.asarray(jax.jacfwd(lambda x: w_from_theta(x, space, "rates"))(jnp.asarray(theta0)))
-        ** 2 @ sd_theta**2
-    ))  # fmt: skip
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "coords,K,width,tol",

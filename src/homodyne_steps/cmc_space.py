@@ -74,12 +74,9 @@ class SampledSpace:
     t_early: np.ndarray | None = None  # measured times (s) of the rates coordinates
     t_late: np.ndarray | None = None
     log_t_ref: float = 0.0
-    # the shards' surrogate prior G: a normal in the combination coordinates, mean
-    # ``surrogate_mu`` and precision ``surrogate_precision`` (legacy files: independent
-    # normals of sd ``surrogate_sd``, which otherwise records the broad part's widths)
+    # the shards' surrogate prior G: independent normals in the combination coordinates
     surrogate_mu: np.ndarray | None = None
     surrogate_sd: np.ndarray | None = None
-    surrogate_precision: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -113,7 +110,6 @@ class SampledSpace:
                 "log_t_ref": self.log_t_ref,
                 "surrogate_mu": arr(self.surrogate_mu),
                 "surrogate_sd": arr(self.surrogate_sd),
-                "surrogate_precision": arr(self.surrogate_precision),
                 "combination": COMBINATION,
             }
         )
@@ -140,7 +136,6 @@ class SampledSpace:
             log_t_ref=float(m["log_t_ref"]),
             surrogate_mu=arr(m.get("surrogate_mu")),
             surrogate_sd=arr(m.get("surrogate_sd")),
-            surrogate_precision=arr(m.get("surrogate_precision")),
         )
 
 
@@ -185,17 +180,9 @@ SURROGATE_WIDTH = 3.0  # the surrogate prior's width in NLSQ standard deviations
 def with_surrogate(
     space: SampledSpace, theta0: Any, sd_theta: Any, width: float = SURROGATE_WIDTH
 ) -> SampledSpace:
-    """``space`` with the shards' surrogate prior G: the prior's own Gaussian
-    approximation at θ0 in u, plus a broad part.
-
-    G matches the gradient of log[π(θ(u))·|∂θ/∂u|] at u0 = u(θ0) and its curvature
-    (negative curvature clipped to zero), and adds independent normals whose sds are
-    ``width`` × the θ standard deviations ``sd_theta`` carried to u (correlations
-    ignored, which only widens them). Where the data fix u the prior varies little,
-    and what it does vary is in G: the weights π·|∂θ/∂u| / G that restore the prior
-    after the consensus stay close to uniform, so resampling loses few draws. The broad
-    part keeps each shard near the data where the prior is flat.
-    """
+    """``space`` with the surrogate prior G centred on θ0 in u, each sd ``width`` × the
+    θ standard deviations ``sd_theta`` carried to u (correlations ignored, which only
+    widens it)."""
     from dataclasses import replace
 
     from homodyne_steps._jax import jax
@@ -209,28 +196,7 @@ def with_surrogate(
             f"cannot centre the shards' surrogate prior on {np.asarray(theta0).tolist()} "
             f"(sd {np.asarray(sd_theta).tolist()}): a value on a bound or a zero width"
         )
-
-    def log_prior_u(u):
-        theta = theta_from_w(u, space, COMBINATION)
-        return log_prior(theta, space) + log_abs_det(theta, space, COMBINATION)
-
-    u0_j = jnp.asarray(u0)
-    # one compiled call: op by op, the Hessian of these small functions takes seconds
-    grad, hess = (
-        np.asarray(x, dtype=np.float64)
-        for x in jax.jit(lambda u: (jax.grad(log_prior_u)(u), jax.hessian(log_prior_u)(u)))(u0_j)
-    )
-    precision = np.diag(1.0 / sd_u**2)
-    if np.all(np.isfinite(grad)) and np.all(np.isfinite(hess)):
-        # in units of the broad widths, so that D0 ~ 1e4 and logits ~ 1 share one scale
-        curv = -0.5 * (hess + hess.T) * np.outer(sd_u, sd_u)
-        evals, evecs = np.linalg.eigh(curv)
-        curv_psd = (evecs * np.clip(evals, 0.0, None)) @ evecs.T
-        precision = precision + curv_psd / np.outer(sd_u, sd_u)
-        mu = u0 + np.linalg.solve(precision, grad)
-    else:  # the prior's shape is undefined at θ0 (on a bound): the broad part alone
-        mu = u0
-    return replace(space, surrogate_mu=mu, surrogate_sd=sd_u, surrogate_precision=precision)
+    return replace(space, surrogate_mu=u0, surrogate_sd=sd_u)
 
 
 # ---------------------------------------------------------------------------------------
@@ -358,11 +324,8 @@ def log_surrogate(u, space: SampledSpace):
     """log G(u) up to a constant: the shards' broad Gaussian surrogate prior."""
     if space.surrogate_mu is None or space.surrogate_sd is None:
         raise ValueError("the sampled space has no surrogate prior (surrogate_mu/sd)")
-    d = jnp.asarray(u) - space.surrogate_mu
-    if space.surrogate_precision is None:
-        z = d / space.surrogate_sd
-        return -0.5 * jnp.sum(z * z, axis=-1)
-    return -0.5 * jnp.einsum("...i,ij,...j->...", d, space.surrogate_precision, d)
+    z = (jnp.asarray(u) - space.surrogate_mu) / space.surrogate_sd
+    return -0.5 * jnp.sum(z * z, axis=-1)
 
 
 def shard_log_density(w, space: SampledSpace, coords: str, num_shards: int, loglik_fn):
