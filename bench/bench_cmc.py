@@ -98,9 +98,9 @@ def laminar(work: Path) -> None:
 def k_invariance(work: Path, laminar_case: bool, coords: list[str]) -> None:
     """Combined posterior for K = 1, 4, 8, 16 on one dataset and one NLSQ result."""
     if laminar_case:
-        # 4 angles x 150 frames: one 45 000-point shard (K = 1) in minutes, not an hour
+        # 6 angles x 150 frames: one 67 000-point shard (K = 1) in minutes, not an hour
         sim = {"mode": "laminar_flow", "n_frames": 150, "noise": 0.02, "seed": 3,
-               "phi_deg": [-30.0, 15.0, 60.0, 105.0]}  # fmt: skip
+               "phi_deg": [-30.0, 0.0, 30.0, 60.0, 90.0, 120.0]}  # fmt: skip
         mode = "laminar_flow"
     else:
         sim = {"mode": "static", "n_frames": 300, "noise": 0.02, "seed": 3,

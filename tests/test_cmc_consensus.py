@@ -9,8 +9,8 @@ computed here independently of the package (SciPy's truncated normal, a
 finite-difference Jacobian, importance sampling), and the consensus of K shards run
 through the real shard model (:func:`cmc_shard.sample_shard`) and the real combination
 stage must reproduce it. Every shard's likelihood lies well inside the prior's bounds:
-the shards are truncated to the bounds (where θ(u) is defined), and a shard cut by a
-bound is not Gaussian.
+in the ``none`` and ``log_reference`` sampling coordinates a shard cannot leave them,
+and a shard cut by a bound is not Gaussian.
 """
 
 from __future__ import annotations
