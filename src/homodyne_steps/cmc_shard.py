@@ -66,7 +66,7 @@ from homodyne_steps.settings import check_keys, get_bool, get_choice, get_int, g
 @dataclass(frozen=True)
 class SamplerSettings:
     num_warmup: int = 300
-    num_samples: int = 500
+    num_samples: int = 1000
     num_chains: int = 2
     target_accept: float = 0.8
     max_tree_depth: int = 8
