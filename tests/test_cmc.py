@@ -16,7 +16,9 @@ from homodyne_steps.cmc_shard import (
     PriorSettings,
     SamplerSettings,
     cmc_shard_stage,
+    laplace_metric,
     prepare_shard,
+    run_shard,
 )
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError
@@ -98,6 +100,50 @@ def test_an_explicit_shard_count_that_starves_the_shards_is_refused():
     assert choose_num_shards(134_550, 3, ShardingSettings.from_mapping({"num_shards": 22}))[0] == 22
 
 
+def test_coordinates_that_cannot_cross_exponent_zero_get_one_shard():
+    # log_reference and none sample the amplitude: a shard whose alpha posterior reaches
+    # 0 is cut there, and consensus of cut shards is wrong, so they are never sharded
+    auto = ShardingSettings.from_mapping({"max_points_per_shard": 10_000})
+    assert choose_num_shards(100_000, 3, auto, "rates")[0] == 10
+    for coords in ("none", "log_reference"):
+        k, decisions = choose_num_shards(100_000, 3, auto, coords)
+        assert k == 1 and "cannot cross exponent = 0" in decisions[0]["reason"]
+        explicit = ShardingSettings.from_mapping({"num_shards": 4})
+        with pytest.raises(ConfigError, match=rf"num_shards: 4 shards refused: .*'{coords}'"):
+            choose_num_shards(100_000, 3, explicit, coords)
+        assert choose_num_shards(100_000, 3, ShardingSettings.from_mapping({"num_shards": 1}),
+                                 coords)[0] == 1  # fmt: skip
+    with pytest.raises(ConfigError, match="reparameterize: 'log'"):
+        choose_num_shards(100_000, 3, auto, "log")
+
+
+def test_shard_metric_survives_coordinates_of_very_different_scales():
+    # A laminar shard's rates: D(t) ~1e4 Å²/s with sd ~300, γ̇(t) ~1e-4 1/s with sd
+    # ~5e-6. The Hessian's eigenvalues span 1e18; with the rounding of a computed
+    # Hessian an unscaled eigensolver finds it indefinite and NUTS used to fall back to
+    # a metric adapted from the identity (step size 3e-4, every draw at tree depth 8).
+    rng = np.random.default_rng(0)
+    corr = np.full((7, 7), 0.97)
+    np.fill_diagonal(corr, 1.0)
+    sd = np.array([300.0, 0.2, 240.0, 7e-6, 0.19, 5e-6, 0.15])
+    cov = corr * np.outer(sd, sd)
+    hessian = np.linalg.inv(cov)
+    unscaled_failures = 0
+    for _ in range(10):
+        noise = rng.normal(size=(7, 7)) * 4e-16 * np.abs(hessian)
+        computed = hessian + noise + noise.T
+        unscaled_failures += np.linalg.eigvalsh(computed)[0] <= 0
+        inverse_mass, diagonal = laplace_metric(computed)
+        np.testing.assert_allclose(inverse_mass, cov, rtol=1e-6)
+        np.testing.assert_allclose(diagonal, 1 / np.diag(hessian), rtol=1e-9)
+    assert unscaled_failures >= 3  # the trap is real for these scales
+    # not positive definite: no Laplace metric, but the diagonal to start NUTS from
+    saddle = np.diag([1e8, -1.0, 1e-8])
+    inverse_mass, diagonal = laplace_metric(saddle)
+    assert inverse_mass is None
+    np.testing.assert_allclose(diagonal, [1e-8, 1.0, 1e8])
+
+
 @pytest.mark.parametrize(
     "section,settings,message",
     [
@@ -156,6 +202,10 @@ def test_shard_blocks_hold_exactly_the_shards_points_grouped_by_angle(tmp_path):
         assert np.array_equal(np.sort(held), np.sort(ids))
         for angle, row in enumerate(blocks):
             assert np.all(row[row < n_total] // n_pairs == angle)
+    # a plan of 3 shards made for other coordinates is refused by a shard in `none`
+    none = SamplerSettings.from_mapping({"reparameterize": "none"})
+    with pytest.raises(ConfigError, match="'none' cannot be combined across the plan's 3 shards"):
+        run_shard(inp, none, PriorSettings())
 
 
 def sample_and_combine(tmp_path, qc, nlsq_dir, L, mode, n_shards, sampler):

@@ -29,7 +29,10 @@ from homodyne_steps.cmc_space import (
     COMBINATION,
     log_abs_det,
     log_prior,
+    log_prior_weight,
     make_space,
+    shard_log_density,
+    shear_sign_ok,
     theta_from_w,
     w_from_theta,
     with_surrogate,
@@ -148,6 +151,44 @@ def test_prior_and_jacobian_against_scipy_and_finite_differences():
             np.linalg.slogdet(jac)[1],
             atol=1e-8,
         )
+
+
+def test_shards_keep_the_shear_sign_convention_not_the_shear_bounds():
+    # c2 is even in γ̇(t): the likelihood at γ̇ and at −γ̇ is the same. Shards take the image
+    # whose mean shear rate is >= 0; the registry's gamma_dot_t0 > 0 would cut a shard
+    # wherever its beta posterior reaches 0 (gamma_dot_t0 changes sign with beta there).
+    names = ("D0", "alpha", "D_offset", "gamma_dot_t0", "beta", "gamma_dot_t_offset", "phi0")
+    lower = np.array([100.0, -2.0, -1e5, 1e-6, -2.0, -0.1, -10.0])
+    upper = np.array([1e5, 2.0, 1e5, 0.5, 2.0, 0.1, 10.0])
+    space = make_space(names, lower, upper, (lower + upper) / 2, upper - lower, t=T)
+    theta = np.array([1e4, -0.2, 500.0, 2e-4, 0.25, 2e-5, 3.0])
+    space = with_surrogate(space, theta, np.array([1e3, 0.05, 100, 2e-5, 0.05, 2e-6, 0.3]))
+
+    def flat(th):
+        return jnp.zeros(()), {}
+
+    def density(th, coords="rates"):
+        w = w_from_theta(jnp.asarray(th), space, coords)
+        return float(shard_log_density(w, space, coords, 4, flat)[0])
+
+    mirror = theta * np.array([1, 1, 1, -1, 1, -1, 1])  # −γ̇(t): the same c2
+    # beta < 0 at the same mean rates: gamma_dot_t0 < 0, outside the registry bounds
+    t_pos = np.sort(T)
+    m_e, m_l = (t_pos[:150] ** -0.05).mean(), (t_pos[150:] ** -0.05).mean()
+    m_e0, m_l0 = (t_pos[:150] ** 0.25).mean(), (t_pos[150:] ** 0.25).mean()
+    g_e, g_l = 2e-4 * m_e0 + 2e-5, 2e-4 * m_l0 + 2e-5
+    a = (g_e - g_l) / (m_e - m_l)
+    other_side = theta.copy()
+    other_side[3:6] = [a, -0.05, g_e - a * m_e]
+    assert other_side[3] < 0 < g_e + g_l
+    assert np.isfinite(density(theta)) and np.isfinite(density(theta, "none"))
+    assert density(mirror) == -np.inf
+    assert np.isfinite(density(other_side, "rates"))  # not cut by gamma_dot_t0 > 0
+    u = np.stack([w_from_theta(x, space, COMBINATION) for x in (theta, mirror, other_side)])
+    assert np.asarray(shear_sign_ok(u, space)).tolist() == [True, False, True]
+    # the combined posterior keeps the same convention, and the prior's bounds
+    weights = np.asarray(log_prior_weight(u, space, 1.0))
+    assert np.isfinite(weights[0]) and weights[1] == weights[2] == -np.inf
 
 
 @pytest.mark.slow

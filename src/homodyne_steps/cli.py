@@ -337,7 +337,7 @@ def _add_cmc_stages(sub: argparse._SubParsersAction) -> None:
         "--settings",
         default="{}",
         metavar="JSON",
-        help="JSON with analysis_mode, per_angle_scaling and sharding",
+        help="JSON with analysis_mode, per_angle_scaling, sharding, sampling_coordinates",
     )
     p.set_defaults(func=_run_cmc_plan)
     p = sub.add_parser("cmc-shard", help="CMC: NUTS on one shard")
@@ -383,7 +383,11 @@ def _job_settings(text: str, stage: str, keys: set[str]) -> dict:
 def _run_cmc_plan(args: argparse.Namespace) -> int:
     from homodyne_steps.cmc_plan import ShardingSettings, cmc_plan_stage
 
-    s = _job_settings(args.settings, "cmc-plan", {"analysis_mode", "per_angle_scaling", "sharding"})
+    s = _job_settings(
+        args.settings,
+        "cmc-plan",
+        {"analysis_mode", "per_angle_scaling", "sharding", "sampling_coordinates"},
+    )
     rec = cmc_plan_stage(
         args.input,
         args.out_json,
@@ -391,6 +395,7 @@ def _run_cmc_plan(args: argparse.Namespace) -> int:
         mode=s["analysis_mode"],
         scaling_mode=s.get("per_angle_scaling") or "varpro",
         settings=ShardingSettings.from_mapping(s.get("sharding")),
+        sampling_coordinates=s.get("sampling_coordinates") or "rates",
     )
     print(f"{rec['num_shards']} shards: {rec['decisions'][0]['reason']}")
     return 0

@@ -11,7 +11,9 @@ Shard count (``num_shards: auto``), every decision recorded in plan.json:
    points of a shard; smaller shards run in parallel on a cluster's nodes;
 2. by information: at most N / (min_points_per_parameter × n_sampled_parameters)
    shards, so each shard's posterior is dominated by its data (and close to Gaussian),
-   which consensus combination assumes; this bound wins when the two disagree.
+   which consensus combination assumes; this bound wins when the two disagree;
+3. one shard when the sampling coordinates cannot be sharded
+   (:data:`coordinates.SHARDABLE_COORDINATES`; an explicit count > 1 is refused).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from homodyne_steps.coordinates import SAMPLING_COORDINATES, SHARDABLE_COORDINATES
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError
 from homodyne_steps.registry import REGISTRY, canonical_mode
@@ -70,8 +73,26 @@ def sampled_parameter_count(mode: str, scaling_mode: str, n_phi: int) -> int:
     return n + extra.get(scaling_mode, 0)
 
 
-def choose_num_shards(n_points: int, n_params: int, s: ShardingSettings) -> tuple[int, list]:
+def choose_num_shards(
+    n_points: int, n_params: int, s: ShardingSettings, sampling_coordinates: str = "rates"
+) -> tuple[int, list]:
     decisions = []
+    if sampling_coordinates not in SAMPLING_COORDINATES:
+        raise ConfigError(
+            f"cmc.sampler.reparameterize: {sampling_coordinates!r}; expected one of "
+            f"{list(SAMPLING_COORDINATES)}"
+        )
+    if sampling_coordinates not in SHARDABLE_COORDINATES:
+        why = (
+            f"cmc.sampler.reparameterize {sampling_coordinates!r} samples the power laws' "
+            "amplitudes, which cannot cross exponent = 0 at fixed rates: a shard whose "
+            "exponent posterior reaches 0 is cut there, and consensus of cut shards is "
+            f"wrong; only {' or '.join(SHARDABLE_COORDINATES)} can be sharded"
+        )
+        if s.num_shards not in ("auto", 1):
+            raise ConfigError(f"cmc.sharding.num_shards: {s.num_shards} shards refused: {why}")
+        decisions.append({"decision": "num_shards", "value": 1, "reason": f"one shard: {why}"})
+        return 1, decisions
     if s.num_shards != "auto":
         k = int(s.num_shards)
         needed = s.min_points_per_parameter * n_params
@@ -117,13 +138,14 @@ def cmc_plan_stage(
     mode: str,
     scaling_mode: str,
     settings: ShardingSettings,
+    sampling_coordinates: str = "rates",
 ) -> dict[str, Any]:
     start = time.perf_counter()
     data = XpcsData.from_npz(qc_npz)
     n_pairs = data.n_t * (data.n_t - 1) // 2
     n_points = data.n_phi * n_pairs
     n_params = sampled_parameter_count(mode, scaling_mode, data.n_phi)
-    k, decisions = choose_num_shards(n_points, n_params, settings)
+    k, decisions = choose_num_shards(n_points, n_params, settings, sampling_coordinates)
     angle = np.repeat(np.arange(data.n_phi), n_pairs)  # point ids are angle-major
     t0 = time.perf_counter()
     plan = stratified_plan(angle, -(-n_points // k), seed=settings.seed)
@@ -150,6 +172,7 @@ def cmc_plan_stage(
         "n_sampled_parameters": n_params,
         "analysis_mode": canonical_mode(mode),
         "per_angle_scaling": scaling_mode,
+        "sampling_coordinates": sampling_coordinates,
         "points_per_shard": [int(x) for x in plan.valid.sum(axis=1)],
         "seed": settings.seed,
         "settings": asdict(settings),

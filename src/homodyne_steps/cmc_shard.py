@@ -38,13 +38,13 @@ import numpy as np
 from homodyne_steps._jax import jax, jnp
 from homodyne_steps.cmc_space import (
     COMBINATION,
-    SAMPLING_COORDINATES,
     SampledSpace,
     make_space,
     shard_log_density,
     w_from_theta,
     with_surrogate,
 )
+from homodyne_steps.coordinates import SAMPLING_COORDINATES, SHARDABLE_COORDINATES
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.model import make_grid
@@ -350,6 +350,8 @@ class ShardMode:
     iterations: int
     potential: float
     seconds: float
+    # 1/|diag H|: the starting metric NUTS adapts when H is not positive definite
+    inverse_mass_diagonal: np.ndarray | None = None
 
 
 def shard_mode(potential, w0: np.ndarray, max_iterations: int = 40) -> ShardMode:
@@ -389,13 +391,29 @@ def shard_mode(potential, w0: np.ndarray, max_iterations: int = 40) -> ShardMode
         if not accepted:
             status = "stalled"
             break
-    inverse_mass = None
+    inverse_mass = diagonal = None
     if status != "failed":
-        h = np.asarray(hessian(x), dtype=np.float64)
-        evals, evecs = np.linalg.eigh(0.5 * (h + h.T))
-        if evals[0] > 0:
-            inverse_mass = (evecs / evals) @ evecs.T
-    return ShardMode(x, inverse_mass, status, it, float(f), time.perf_counter() - t0)
+        inverse_mass, diagonal = laplace_metric(np.asarray(hessian(x), dtype=np.float64))
+    return ShardMode(x, inverse_mass, status, it, float(f), time.perf_counter() - t0, diagonal)
+
+
+def laplace_metric(hessian: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(inverse Hessian, or None where it is not positive definite; 1/|diag H|).
+
+    The coordinates differ in scale by up to 1e10 (a rate of D(t) ~1e4 Å²/s against one
+    of γ̇(t) ~1e-4 1/s), so H's eigenvalues span ~1e16 and an unscaled eigensolver
+    returns a smallest one of either sign (measured on a laminar shard: −1e-5 against
+    +1.6e-5); the decomposition is done on the diagonally scaled H.
+    """
+    h = 0.5 * (hessian + hessian.T)
+    d = np.abs(np.diag(h))
+    if not (np.all(np.isfinite(h)) and np.all(d > 0)):
+        return None, None
+    scale = np.sqrt(d)
+    evals, evecs = np.linalg.eigh(h / np.outer(scale, scale))
+    if not evals[0] > 1e-12 * evals[-1]:
+        return None, 1.0 / d
+    return ((evecs / evals) @ evecs.T) / np.outer(scale, scale), 1.0 / d
 
 
 @dataclass
@@ -465,6 +483,12 @@ def sample_shard(
 
     mode = shard_mode(potential, w0)
     metric = mode.inverse_mass
+    # Not positive definite at the mode (a stalled search): NUTS adapts the metric,
+    # starting from the Hessian's diagonal so that coordinates of scales 1e4 and 1e-6
+    # do not share one step size.
+    start_metric = metric if metric is not None else mode.inverse_mass_diagonal
+    if start_metric is not None and (start_metric.ndim == 2) != sampler.dense_mass:
+        start_metric = np.diag(start_metric)  # a matrix's diagonal, or a diagonal matrix
     site = ("sampled_coordinates",)
     kernel = NUTS(
         model,
@@ -472,11 +496,7 @@ def sample_shard(
         target_accept_prob=sampler.target_accept,
         max_tree_depth=sampler.max_tree_depth,
         dense_mass=[site] if sampler.dense_mass else False,
-        inverse_mass_matrix=(
-            {site: metric if sampler.dense_mass else np.diag(metric)}
-            if metric is not None
-            else None
-        ),
+        inverse_mass_matrix={site: start_metric} if start_metric is not None else None,
         # A few hundred warmup draws cannot estimate a 0.98-correlated metric (NumPyro on
         # a Gaussian of this shape: 27 leapfrog steps per draw after 200 warmup draws);
         # the Laplace covariance at the shard's mode already is that metric, so only the
@@ -541,6 +561,7 @@ def sample_shard(
             "Laplace covariance at the shard's mode (fixed)"
             if metric is not None and not sampler.adapt_mass_matrix
             else "adapted by NumPyro"
+            + ("" if metric is not None else " from the Hessian's diagonal (not positive definite)")
         ),
         "mode": {
             "status": mode.status,
@@ -554,6 +575,13 @@ def sample_shard(
 
 def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, shard: int = 0):
     """Sample one shard of the data; returns (InferenceData, record dict)."""
+    if inp.num_shards > 1 and sampler.reparameterize not in SHARDABLE_COORDINATES:
+        raise ConfigError(
+            f"cmc.sampler.reparameterize {sampler.reparameterize!r} cannot be combined across "
+            f"the plan's {inp.num_shards} shards (its shards are cut at exponent = 0); use "
+            f"{' or '.join(SHARDABLE_COORDINATES)}, or a plan made with these coordinates "
+            "(one shard)"
+        )
     return sample_shard(
         inp.space,
         sampler.reparameterize,

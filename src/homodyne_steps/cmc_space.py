@@ -14,9 +14,9 @@ So the prior is applied once, after the combination, and exactly:
    Gaussian *surrogate* prior in u (centred on the NLSQ optimum, 3 NLSQ standard
    deviations wide: it keeps the target proper and near the data, and being Gaussian it
    leaves the shard posteriors as Gaussian as the likelihood, which is close to
-   Gaussian in u). The diffusion law's bounds are not imposed on the shards (a shard
-   cut by a bound is not Gaussian); they act in the prior, after the combination. The
-   shear rate's are (:data:`HELD_TO_BOUNDS`).
+   Gaussian in u). The power laws' bounds are not imposed on the shards (a shard cut
+   by a bound is not Gaussian); they act in the prior, after the combination. The
+   shards keep only the sign convention of the shear rate (:func:`shear_sign_ok`).
 2. The Gaussian consensus of the shards is then a draw of L·G^(K_used/K).
 3. Importance weights π(θ(u))·|∂θ/∂u| / G(u)^(K_used/K) (Pareto-smoothed) turn those
    draws into draws of the full posterior L·π; the Pareto k̂ says whether they can.
@@ -51,9 +51,8 @@ from typing import Any
 import numpy as np
 
 from homodyne_steps._jax import jnp
-from homodyne_steps.coordinates import POWER_LAWS, window_means
+from homodyne_steps.coordinates import POWER_LAWS, SAMPLING_COORDINATES, window_means
 
-SAMPLING_COORDINATES = ("rates", "log_reference", "none")
 COMBINATION = "rates"  # the coordinates in which shard draws are combined
 
 
@@ -329,54 +328,67 @@ def log_surrogate(u, space: SampledSpace):
     return -0.5 * jnp.sum(z * z, axis=-1)
 
 
-# The shear rate enters c2 through sinc²(·γ̇), even in γ̇: without its bounds a shard's
-# likelihood has a mirror image at −γ̇ and a ridge at γ̇ = 0 between them, where NUTS's
-# step size collapses (measured: 1e-4 against 0.4 on a laminar K = 4 shard). The
-# diffusion law has no such symmetry, and its bounds are not imposed on the shards.
-HELD_TO_BOUNDS = ("gamma_dot_t0", "gamma_dot_t_offset")
+# The shear rate enters c2 through sinc²(·γ̇), even in γ̇: the likelihood is the same at
+# γ̇(t) and −γ̇(t), which in the combination coordinates is the mirror image
+# (γ̇_early, beta, γ̇_late) -> (−γ̇_early, beta, −γ̇_late). Without a convention a shard
+# has both images and a ridge at γ̇ = 0 between them (measured: NUTS's step size 1e-4
+# against 0.4 on a laminar K = 4 shard). The registry's convention, gamma_dot_t0 > 0, is
+# no good for the shards: at fixed rates gamma_dot_t0 changes sign with beta, so a shard
+# whose beta posterior reaches 0 is cut there (235 divergences in 1000 draws at K = 1 on
+# 6 φ × 80 frames, beta = 0.15 ± 0.11). The shards take the image whose shear rate,
+# averaged over the early and late halves, is >= 0: a cut through the low-likelihood
+# region between the images, which never bites while the data see a shear at all.
+SHEAR_RATES = ("gamma_dot_t0", "gamma_dot_t_offset")  # (amplitude, offset) of the shear law
+
+
+def shear_sign_ok(u, space: SampledSpace):
+    """True where the shear law's mean rate (γ̇_early + γ̇_late)/2 in the combination
+    coordinates u is >= 0 (always True without a shear law): the sign convention of the
+    shards and of the combined posterior (c2 cannot see the sign of γ̇)."""
+    u = jnp.asarray(u)
+    if SHEAR_RATES[0] not in space.names:
+        return jnp.ones(u.shape[:-1], dtype=bool)
+    ka, ko = (space.names.index(n) for n in SHEAR_RATES)
+    return u[..., ka] + u[..., ko] >= 0.0
 
 
 def shard_log_density(w, space: SampledSpace, coords: str, num_shards: int, loglik_fn):
     """log of L_k · G^(1/K) in the combination coordinates u, expressed in the sampling
-    coordinates w: log L_k + (1/K)·log G(u) + log|∂θ/∂w| − log|∂θ/∂u|.
+    coordinates w: log L_k + (1/K)·log G(u) + log|∂θ/∂w| − log|∂θ/∂u|, restricted to
+    the shear sign convention (:func:`shear_sign_ok`).
 
     Returns (log density, θ, extra) with ``loglik_fn(θ) -> (log L_k, extra)``.
 
-    The shards are not held to the diffusion law's bounds (only to
-    :data:`HELD_TO_BOUNDS`): a power law's amplitude and offset are linear in u and may
-    leave them (the bounded exponent, contrast, φ0 go through logits and cannot). Near
-    alpha = 0 the data fix D(t), not D0 and D_offset, and D0 changes sign with alpha at
-    fixed u; a shard whose alpha posterior reaches 0 would be
+    The shards are not held to the parameter bounds: a power law's amplitude and offset
+    are linear in u and may leave them (the bounded exponent, contrast, φ0 go through
+    logits and cannot). Near alpha = 0 the data fix D(t), not D0 and D_offset, and D0
+    changes sign with alpha at fixed u; a shard whose alpha posterior reaches 0 would be
     cut there by the bounds of D0 (> 0), which makes it non-Gaussian and the consensus
     wrong (K = 8 on the static K-invariance case: sd +15–24 %). The bounds act once, in
     the prior applied after the combination, where a draw outside them gets weight 0.
     """
     theta = theta_from_w(w, space, coords)
     loglik, extra = loglik_fn(theta)
-    held = np.array([n in HELD_TO_BOUNDS for n in space.names])
-    if held.any():
-        inside = jnp.all(
-            (theta[..., held] >= space.lower[held]) & (theta[..., held] <= space.upper[held]),
-            axis=-1,
-        )
-        loglik = jnp.where(inside, loglik, -jnp.inf)
     if coords == COMBINATION:
         u, log_jac = w, 0.0
     else:
         u = w_from_theta(theta, space, COMBINATION)
         log_jac = log_abs_det(theta, space, coords) - log_abs_det(theta, space, COMBINATION)
+    loglik = jnp.where(shear_sign_ok(u, space), loglik, -jnp.inf)
     return loglik + log_surrogate(u, space) / num_shards + log_jac, theta, extra
 
 
 def log_prior_weight(u, space: SampledSpace, surrogate_fraction: float):
     """log[π(θ(u))·|∂θ/∂u| / G(u)^f]: the importance weight that turns draws of
-    Π_kept L_k·G^(1/K) = L·G^f (f = kept shards / K) into draws of L·π in u."""
+    Π_kept L_k·G^(1/K) = L·G^f (f = kept shards / K) into draws of L·π in u (under the
+    shear sign convention of :func:`shear_sign_ok`, as the shards)."""
     theta = theta_from_w(u, space, COMBINATION)
-    return (
+    value = (
         log_prior(theta, space)
         + log_abs_det(theta, space, COMBINATION)
         - surrogate_fraction * log_surrogate(u, space)
     )
+    return jnp.where(shear_sign_ok(u, space), value, -jnp.inf)
 
 
 def space_from_attrs(attrs: Mapping[str, Any]) -> SampledSpace | None:
@@ -398,6 +410,7 @@ __all__ = [
     "log_prior_weight",
     "log_surrogate",
     "shard_log_density",
+    "shear_sign_ok",
     "space_from_attrs",
     "theta_from_w",
     "w_from_theta",

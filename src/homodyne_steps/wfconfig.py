@@ -42,7 +42,16 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
         "serialise",
         "_jax",
     ),
-    "cmc_plan": ("cmc_plan", "stratify", "scaling", "registry", "dataset", "settings", "serialise"),
+    "cmc_plan": (
+        "cmc_plan",
+        "coordinates",
+        "stratify",
+        "scaling",
+        "registry",
+        "dataset",
+        "settings",
+        "serialise",
+    ),
     "cmc_shard": (
         "cmc_shard",
         "cmc_space",
@@ -146,6 +155,7 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
                 **common,
                 "per_angle_scaling": nlsq.get("per_angle_scaling", "varpro"),
                 "sharding": cmc.get("sharding") or {},
+                "sampling_coordinates": (cmc.get("sampler") or {}).get("reparameterize", "rates"),
             }
         if stage == "cmc_shard":
             return {
