@@ -35,8 +35,10 @@ from homodyne_steps.cmc_space import (
     shear_sign_ok,
     theta_from_w,
     w_from_theta,
+    with_shear_convention,
     with_surrogate,
 )
+from homodyne_steps.errors import DataError
 
 NAMES = ("D0", "alpha", "D_offset")
 LOWER, UPPER = np.array([100.0, -2.0, -1e5]), np.array([1e5, 2.0, 1e5])
@@ -186,6 +188,11 @@ def test_shards_keep_the_shear_sign_convention_not_the_shear_bounds():
     assert np.isfinite(density(other_side, "rates"))  # not cut by gamma_dot_t0 > 0
     u = np.stack([w_from_theta(x, space, COMBINATION) for x in (theta, mirror, other_side)])
     assert np.asarray(shear_sign_ok(u, space)).tolist() == [True, False, True]
+    # a start (the NLSQ optimum) with a negative mean shear rate becomes its mirror image
+    np.testing.assert_array_equal(with_shear_convention(mirror, space), theta)
+    np.testing.assert_array_equal(with_shear_convention(theta, space), theta)
+    with pytest.raises(DataError, match="`none` cannot represent gamma_dot_t0 < 0"):
+        sample_shard(space, "none", 1, flat, mirror, SamplerSettings())
     # the combined posterior keeps the same convention, and the prior's bounds
     weights = np.asarray(log_prior_weight(u, space, 1.0))
     assert np.isfinite(weights[0]) and weights[1] == weights[2] == -np.inf

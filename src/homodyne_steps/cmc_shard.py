@@ -42,6 +42,7 @@ from homodyne_steps.cmc_space import (
     make_space,
     shard_log_density,
     w_from_theta,
+    with_shear_convention,
     with_surrogate,
 )
 from homodyne_steps.coordinates import SAMPLING_COORDINATES, SHARDABLE_COORDINATES
@@ -292,7 +293,8 @@ def prepare_shard(
         float(np.clip(nlsq_params["parameters"][n]["value"], lo[k], hi[k]))
         for k, n in enumerate(names)
     ]
-    init_theta = np.array([*init_physical, *s_start], dtype=np.float64)
+    # the NLSQ optimum may have a negative mean shear rate; its mirror image has the same c2
+    init_theta = with_shear_convention(np.array([*init_physical, *s_start]), space)
     space = with_surrogate(space, init_theta, _surrogate_sd(nlsq_params, names, space))
     return ShardInputs(
         mode=mode,
@@ -476,6 +478,14 @@ def sample_shard(
         raise DataError(
             f"the start point {dict(zip(space.names, np.asarray(theta0).tolist(), strict=True))} "
             "lies on or outside the parameter bounds"
+            + (
+                f"; `{coords}` cannot represent gamma_dot_t0 < 0, the mirror image of an "
+                "optimum whose mean shear rate is negative (shards take the image with a "
+                "mean shear rate >= 0: the same c2); use `rates`"
+                if "gamma_dot_t0" in space.names
+                and float(np.asarray(theta0)[space.names.index("gamma_dot_t0")]) < 0
+                else ""
+            )
         )
 
     def potential(w):

@@ -331,14 +331,25 @@ def log_surrogate(u, space: SampledSpace):
 # The shear rate enters c2 through sinc²(·γ̇), even in γ̇: the likelihood is the same at
 # γ̇(t) and −γ̇(t), which in the combination coordinates is the mirror image
 # (γ̇_early, beta, γ̇_late) -> (−γ̇_early, beta, −γ̇_late). Without a convention a shard
-# has both images and a ridge at γ̇ = 0 between them (measured: NUTS's step size 1e-4
-# against 0.4 on a laminar K = 4 shard). The registry's convention, gamma_dot_t0 > 0, is
-# no good for the shards: at fixed rates gamma_dot_t0 changes sign with beta, so a shard
-# whose beta posterior reaches 0 is cut there (235 divergences in 1000 draws at K = 1 on
-# 6 φ × 80 frames, beta = 0.15 ± 0.11). The shards take the image whose shear rate,
-# averaged over the early and late halves, is >= 0: a cut through the low-likelihood
-# region between the images, which never bites while the data see a shear at all.
+# has both images, with a ridge at γ̇ = 0 between them. The registry's convention,
+# gamma_dot_t0 > 0, is no good for the shards: at fixed rates gamma_dot_t0 changes sign
+# with beta, so a shard whose beta posterior reaches 0 is cut there (235 divergences in
+# 1000 draws at K = 1 on 6 φ × 80 frames, beta = 0.15 ± 0.11). The shards take the image
+# whose shear rate, averaged over the early and late halves, is >= 0: a cut through the
+# low-likelihood region between the images, which never bites while the data see a
+# shear at all.
 SHEAR_RATES = ("gamma_dot_t0", "gamma_dot_t_offset")  # (amplitude, offset) of the shear law
+
+
+def with_shear_convention(theta: np.ndarray, space: SampledSpace) -> np.ndarray:
+    """θ, or its mirror image −γ̇(t) (the same c2) where θ's mean shear rate is < 0."""
+    theta = np.array(theta, dtype=np.float64)
+    if SHEAR_RATES[0] in space.names and not bool(
+        shear_sign_ok(w_from_theta(theta, space, COMBINATION), space)
+    ):
+        for name in SHEAR_RATES:
+            theta[..., space.names.index(name)] *= -1.0
+    return theta
 
 
 def shear_sign_ok(u, space: SampledSpace):
@@ -412,6 +423,7 @@ __all__ = [
     "shard_log_density",
     "shear_sign_ok",
     "space_from_attrs",
+    "with_shear_convention",
     "theta_from_w",
     "w_from_theta",
 ]
