@@ -116,9 +116,10 @@ def k_invariance(work: Path, laminar_case: bool, coords: list[str]) -> None:
     nlsq_process(d, truth, work / "cache")
     sampler: dict = {}  # default settings (300 warmup + 1000 draws x 2 chains)
     print(f"\nK-invariance, {mode} ({len(sim.get('phi_deg', [0, 0, 0]))} angles x "
-          f"{sim['n_frames']} frames): (mean_K - mean_1)/sd_1 and sd_K/sd_1")  # fmt: skip
+          f"{sim['n_frames']} frames): (mean_K - mean_1)/sd_1 and sd_K/sd_1, "
+          f"against K = 1 in {coords[0]}")  # fmt: skip
+    ref = None  # the first coordinates' K = 1: at K = 1 every setting has the same target
     for reparam in coords:
-        ref = None
         for K in (1, 4, 8, 16):
             if K > 1 and reparam not in SHARDABLE_COORDINATES:
                 print(f"{reparam:>13s} K={K:2d} refused: these coordinates cannot be sharded "

@@ -201,12 +201,15 @@ def test_shards_keep_the_shear_sign_convention_not_the_shear_bounds():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "coords,K,width,tol",
-    [("rates", 16, 0.5, 0.15), ("none", 4, 0.1, 0.2), ("log_reference", 4, 0.25, 0.2)],
+    [("rates", 16, 0.5, 0.15), ("none", 4, 0.1, 0.2), ("log_reference", 4, 0.1, 0.2)],
 )
 def test_consensus_is_the_full_posterior(tmp_path, coords, K, width, tol):
-    # ``none`` samples (D0, alpha, D_offset) through their logits, where a wide posterior
-    # is a curved valley that NUTS barely mixes in (the reason ``rates`` is the default);
-    # there the data are made 10 times more informative.
+    # ``none`` samples (D0, alpha, D_offset) through their logits, ``log_reference`` log D0
+    # at t_ref: a wide posterior is a curved valley there that NUTS barely mixes in (the
+    # reason ``rates`` is the default; at width 0.25 one log_reference shard of four had
+    # 147 divergences and ESS 33, or none, depending on rounding in its metric), so for
+    # them the data are made 10 times more informative. The workflow never shards these
+    # two (the plan refuses); this checks that their shard density is the same measure.
     rng = np.random.default_rng(7)
     sd = width * np.array([40.0, 0.04, 60.0])  # (D_early, logit alpha, D_late)
     corr = np.array([[1.0, 0.5, 0.3], [0.5, 1.0, -0.4], [0.3, -0.4, 1.0]])
