@@ -75,6 +75,8 @@ def test_quality_filter_drops_a_flat_angle():
         ({"phi_rnages": [[0, 1]]}, "filter.phi_rnages: unknown key"),
         ({"phi_ranges": [[0]]}, r"filter.phi_ranges\[0\]: expected \[min, max\]"),
         ({"frames": {"start": 5, "end": 2}}, "start 5 is after end 2"),
+        ({"frames": {"start": 5, "end": -5}}, r"frames.end: -5; expected -1 .* >= start \(5\)"),
+        ({"frames": {"end": 0}}, "frames.end: 0; expected -1"),
         ({"frames": {"start": 1, "end": 99}}, "beyond the 30 loaded frames"),
         ({"frames": {"start": 1, "end": 2}}, "at least 3"),
         ({"exclude_t0": "yes"}, "filter.exclude_t0: expected true or false"),

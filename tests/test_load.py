@@ -161,7 +161,7 @@ def test_frame_slicing_inclusive_time_from_zero(tmp_path, fmt):
     np.testing.assert_allclose(out["c2_exp"], c2[:, 9:20, 9:20], rtol=1e-6, atol=0)
     np.testing.assert_allclose(out["t1"], truth["dt"] * np.arange(11), rtol=1e-12)
     assert out["source"]["start_frame"] == 10 and out["source"]["end_frame"] == 20
-    assert read_aps(path, settings.q, end_frame=-5)["c2_exp"].shape[1] == N_FRAMES
+    assert read_aps(path, settings.q, end_frame=-1)["c2_exp"].shape[1] == N_FRAMES
 
 
 def test_dt_override(tmp_path):
@@ -322,7 +322,9 @@ def test_full_storage_rejects_asymmetric(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"start_frame": 20, "end_frame": 10}, "after end_frame"),
+    [({"start_frame": 20, "end_frame": 10}, r"end_frame must be -1 .* >= start_frame \(20\)"),
+     ({"end_frame": -5}, r"end_frame must be -1 \(the last frame\) .* got -5"),  # was: all
+     ({"end_frame": 0}, "end_frame must be -1"),
      ({"end_frame": N_FRAMES + 1}, f"{N_FRAMES} frames"),
      ({"start_frame": 0}, "start_frame"),
      ({"start_frame": 1.5}, "start_frame"),

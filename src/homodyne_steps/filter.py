@@ -76,6 +76,11 @@ class FilterSettings:
         end = _int(frames.get("end", -1), f"{where}.frames.end")
         if start < 1:
             raise ConfigError(f"{where}.frames.start: must be >= 1 (1-based), got {start}")
+        if end == 0 or end < -1:  # −5 once meant "the last frame", silently
+            raise ConfigError(
+                f"{where}.frames.end: {end}; expected -1 (the last frame) or a frame number "
+                f">= start ({start})"
+            )
         if end >= 0 and start > end:
             raise ConfigError(f"{where}.frames: start {start} is after end {end}")
         q = dict(m.get("quality") or {})
@@ -184,7 +189,7 @@ def apply_filter(data: XpcsData, s: FilterSettings) -> tuple[XpcsData, dict[str,
 
     # Frames: relative trim first, then the t = 0 frame.
     n_t = data.n_t
-    end = n_t if s.frame_end < 0 else s.frame_end
+    end = n_t if s.frame_end == -1 else s.frame_end
     if end > n_t:
         raise ConfigError(f"filter.frames.end = {s.frame_end} is beyond the {n_t} loaded frames")
     frame_keep = np.zeros(n_t, dtype=bool)

@@ -304,8 +304,8 @@ def _select_ring(
 
 
 def _frame_window(n_file: int, start_frame: int, end_frame: int, name: str) -> tuple[int, int]:
-    """0-based half-open [s, e) of 1-based inclusive frames start..end (end<0: last)."""
-    end = n_file if end_frame < 0 else end_frame
+    """0-based half-open [s, e) of 1-based inclusive frames start..end (end −1: last)."""
+    end = n_file if end_frame == -1 else end_frame
     if end > n_file:
         raise DataError(
             f"{name}: end_frame = {end_frame} is beyond the data: the matrices have "
@@ -394,8 +394,11 @@ def _check_arguments(q, start_frame, end_frame, dt, q_tolerance, storage) -> Non
         raise DataError(f"storage must be one of {list(STORAGES)}, got {storage!r}")
     if not _is_int(start_frame) or start_frame < 1:
         raise DataError(f"start_frame must be an integer >= 1 (1-based), got {start_frame!r}")
-    if not _is_int(end_frame):
-        raise DataError(f"end_frame must be an integer (-1: last frame), got {end_frame!r}")
+    if not _is_int(end_frame) or not (end_frame == -1 or end_frame >= start_frame):
+        raise DataError(
+            f"end_frame must be -1 (the last frame) or a frame number >= start_frame "
+            f"({start_frame}), got {end_frame!r}"
+        )
     if dt is not None:
         if isinstance(dt, bool) or not isinstance(dt, int | float | np.number):
             raise DataError(f"dt must be a number of seconds, got {dt!r}")
@@ -421,7 +424,7 @@ def read_aps(
     Args:
         path: the HDF5 result file (layout ``aps_u`` or ``aps_old``, detected).
         q: target wavevector in 1/Å.
-        start_frame, end_frame: 1-based inclusive frame window; ``end_frame < 0`` = last.
+        start_frame, end_frame: 1-based inclusive frame window; ``end_frame`` −1 = last.
         dt: C2 time step in s; read from the file when None.
         q_tolerance: accepted |q_selected - q| as a fraction of ``q``.
         storage: ``"upper"`` (triangle + zeros, as APS writes) or ``"full"``.
