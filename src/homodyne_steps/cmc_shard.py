@@ -456,6 +456,38 @@ class ShardPosterior:
             )
 
 
+def _start_point(space: SampledSpace, coords: str, theta0) -> np.ndarray:
+    """The start θ0 in the sampling coordinates; a clear error where they cannot hold it."""
+    w0 = np.asarray(w_from_theta(np.asarray(theta0, dtype=np.float64), space, coords))
+    if np.all(np.isfinite(w0)):
+        return w0
+    mirrored = (
+        "gamma_dot_t0" in space.names
+        and float(np.asarray(theta0)[space.names.index("gamma_dot_t0")]) < 0
+    )
+    raise DataError(
+        f"the start point {dict(zip(space.names, np.asarray(theta0).tolist(), strict=True))} "
+        "lies on or outside the parameter bounds"
+        + (
+            f"; `{coords}` cannot represent gamma_dot_t0 < 0, the mirror image of an "
+            "optimum whose mean shear rate is negative (shards take the image with a "
+            "mean shear rate >= 0: the same c2); use `rates`"
+            if mirrored
+            else ""
+        )
+    )
+
+
+def _start_metric(mode: ShardMode, dense: bool) -> np.ndarray | None:
+    """NUTS's starting inverse metric: the Laplace covariance, or, where the Hessian is
+    not positive definite at the mode, its diagonal (NUTS then adapts it; coordinates of
+    scales 1e4 and 1e-6 must not share one step size). Dense or diagonal as asked."""
+    start = mode.inverse_mass if mode.inverse_mass is not None else mode.inverse_mass_diagonal
+    if start is not None and (start.ndim == 2) != dense:
+        start = np.diag(start)  # a matrix's diagonal, or a diagonal matrix
+    return start
+
+
 def sample_shard(
     space: SampledSpace,
     coords: str,
@@ -473,32 +505,14 @@ def sample_shard(
     from numpyro.infer import MCMC, NUTS, init_to_value
 
     model = partial(shard_model, space, coords, num_shards, loglik_fn)
-    w0 = np.asarray(w_from_theta(np.asarray(theta0, dtype=np.float64), space, coords))
-    if not np.all(np.isfinite(w0)):
-        raise DataError(
-            f"the start point {dict(zip(space.names, np.asarray(theta0).tolist(), strict=True))} "
-            "lies on or outside the parameter bounds"
-            + (
-                f"; `{coords}` cannot represent gamma_dot_t0 < 0, the mirror image of an "
-                "optimum whose mean shear rate is negative (shards take the image with a "
-                "mean shear rate >= 0: the same c2); use `rates`"
-                if "gamma_dot_t0" in space.names
-                and float(np.asarray(theta0)[space.names.index("gamma_dot_t0")]) < 0
-                else ""
-            )
-        )
+    w0 = _start_point(space, coords, theta0)
 
     def potential(w):
         return -shard_log_density(w, space, coords, num_shards, loglik_fn)[0]
 
     mode = shard_mode(potential, w0)
     metric = mode.inverse_mass
-    # Not positive definite at the mode (a stalled search): NUTS adapts the metric,
-    # starting from the Hessian's diagonal so that coordinates of scales 1e4 and 1e-6
-    # do not share one step size.
-    start_metric = metric if metric is not None else mode.inverse_mass_diagonal
-    if start_metric is not None and (start_metric.ndim == 2) != sampler.dense_mass:
-        start_metric = np.diag(start_metric)  # a matrix's diagonal, or a diagonal matrix
+    start_metric = _start_metric(mode, sampler.dense_mass)
     site = ("sampled_coordinates",)
     kernel = NUTS(
         model,
