@@ -2,7 +2,12 @@
 # Run from the repository root:  snakemake --cores 2
 from snakemake.utils import min_version, validate
 
+from homodyne_steps.wfconfig import check_config_file, stop_on_config_error
+
 min_version("9.0")
+
+# A YAML syntax error is reported with its file, line and column (Snakemake's is not).
+stop_on_config_error(check_config_file, "config/config.yaml", missing_ok=True)
 
 
 configfile: "config/config.yaml"

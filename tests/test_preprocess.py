@@ -9,13 +9,16 @@ import pytest
 
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
+from homodyne_steps.noise import estimate_sigma_per_lag
 from homodyne_steps.preprocess import (
     PreprocessSettings,
     baseline_lag_range,
     correct_diagonal,
     preprocess,
     preprocess_stage,
+    run_preprocess,
 )
+from homodyne_steps.serialise import read_npz
 
 RECORD_FIELDS = {
     "stage", "step", "method", "parameters", "input_shape", "output_shape",
@@ -161,19 +164,69 @@ def test_float32_input_gives_float64_c_contiguous():
     assert data.c2_exp.dtype == np.float32  # input untouched (pure)
 
 
-def test_noise_reduction_reduces_noise_and_keeps_symmetry():
+def symmetric_noise(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
+    e = np.triu(rng.normal(0.0, sigma, size=(n, n)))
+    return e + np.triu(e, 1).T  # mirror the upper triangle, as a correlator does
+
+
+def test_noise_reduction_is_display_only_and_keeps_symmetry():
     rng = np.random.default_rng(7)
     n = 60
-    noise = np.triu(rng.normal(0.0, 0.05, size=(n, n)))
-    noise = noise + np.triu(noise, 1).T
-    c = 1.2 + noise
+    c = 1.2 + symmetric_noise(rng, n, 0.05)
+    off = ~np.eye(n, dtype=bool)
+    plain = run_preprocess(make_data(c))
+    sigma_plain = estimate_sigma_per_lag(plain.data.c2_exp)
     for method, size in (("gaussian", 2), ("median", 3), ("uniform", 3)):
         settings = {"noise_reduction": {"enabled": True, "method": method, "size": size}}
-        out, _ = preprocess(make_data(c), settings)
-        m = out.c2_exp[0]
+        result = run_preprocess(make_data(c), settings)
+        # The fitted data are not smoothed: same array, same per-lag sigma.
+        np.testing.assert_array_equal(result.data.c2_exp, plain.data.c2_exp)
+        np.testing.assert_array_equal(estimate_sigma_per_lag(result.data.c2_exp), sigma_plain)
+        # The display array is smoothed, symmetric, and differs.
+        m = result.c2_smoothed[0]
         np.testing.assert_array_equal(m, m.T)
-        off = ~np.eye(n, dtype=bool)
         assert np.std(m[off]) < 0.6 * np.std(c[off]), method
+        (rec,) = [r for r in result.records if r["step"] == "noise_reduction"]
+        assert rec["applied"] and rec["display_only"] is True and rec["output"] == "c2_smoothed"
+        assert "sigma" in rec["reason"]
+    assert plain.c2_smoothed is None
+
+
+@pytest.mark.parametrize("method", ["gaussian", "median", "uniform"])
+def test_display_smoothing_keeps_holes_and_does_not_spread_them(method):
+    rng = np.random.default_rng(3)
+    n = 40
+    c = np.stack([model_c2(n=n) + symmetric_noise(rng, n, 0.01)])
+    c[0, 10:14, :] = np.nan
+    c[0, :, 10:14] = np.nan
+    settings = {"noise_reduction": {"enabled": True, "method": method, "size": 2}}
+    result = run_preprocess(make_data(c), settings)
+    m = result.c2_smoothed[0]
+    hole = np.isnan(result.data.c2_exp[0])
+    off_hole = ~hole & ~np.eye(n, dtype=bool)
+    assert np.isnan(m[hole]).all()  # the display shows the holes the fit sees
+    assert np.isfinite(m[off_hole]).all()  # ...and NaN does not leak into the neighbours
+    # Next to the hole the level is the data's, not pulled towards 0 by the NaN.
+    np.testing.assert_allclose(m[9, 30], result.data.c2_exp[0, 9, 30], atol=0.03)
+
+
+def test_stage_writes_smoothed_display_array_beside_unsmoothed_data(tmp_path):
+    rng = np.random.default_rng(2)
+    c = model_c2(n=30) + symmetric_noise(rng, 30, 0.02)
+    src = make_data(c).to_npz(tmp_path / "in.npz")
+    out = tmp_path / "out.npz"
+    preprocess_stage(src, out, tmp_path / "p.json", {"noise_reduction": {"enabled": True}})
+    arrays = read_npz(out)
+    back = XpcsData.from_npz(out)  # the extra array does not disturb the data reader
+    np.testing.assert_array_equal(back.c2_exp, preprocess(make_data(c))[0].c2_exp)
+    assert arrays["c2_smoothed"].shape == back.c2_exp.shape
+    assert not np.allclose(arrays["c2_smoothed"], back.c2_exp)
+    prov = json.loads((tmp_path / "p.json").read_text())
+    (rec,) = [r for r in prov["records"] if r["step"] == "noise_reduction"]
+    assert rec["display_only"] is True
+    # Without smoothing there is no display array.
+    preprocess_stage(src, out, tmp_path / "p.json")
+    assert "c2_smoothed" not in read_npz(out)
 
 
 def test_normalization_baseline_to_one():
@@ -191,11 +244,73 @@ def test_normalization_baseline_to_one():
     np.testing.assert_allclose(rec["parameters"]["baselines"], [1.07, 0.93], rtol=1e-3)
 
 
-def test_non_finite_output_names_angle():
+def test_nan_and_inf_are_carried_as_masked_not_rejected():
     c = np.stack([model_c2(n=10)] * 3)
     c[2, 3, 5] = c[2, 5, 3] = np.nan
-    with pytest.raises(DataError, match="angle index 2"):
-        preprocess(make_data(c))
+    c[1, 0, 7] = c[1, 7, 0] = np.inf
+    c[0, 2, 8] = -np.inf
+    out, records = preprocess(make_data(c))
+    m = out.c2_exp
+    assert np.isnan(m[2, 3, 5]) and np.isnan(m[2, 5, 3])  # masked, not filled
+    assert np.isnan(m[1, 0, 7]) and np.isnan(m[1, 7, 0])  # Inf is no measurement: masked
+    assert m[0, 2, 8] == m[0, 8, 2] == c[0, 8, 2]  # lone -Inf: the partner's value
+    assert np.isnan(m).sum() == 4  # nothing else became NaN (diagonal neighbours finite)
+    by_step = {r["step"]: r for r in records}
+    assert by_step["masking"]["counts"] == {"inf_masked": 3, "nan_from_partner": 1}
+    masked = by_step["validation"]["masked_per_angle"]
+    assert [x["masked"] for x in masked] == [0, 1, 1]
+    assert masked[2]["of"] == 45 and masked[2]["fraction"] == pytest.approx(1 / 45)
+    assert masked[2]["phi"] == 90.0
+
+
+def test_lone_nan_takes_its_symmetric_partner():
+    c = model_c2(n=10)
+    c[6, 2] = np.nan  # the lower element only; the upper (fitted) one is measured
+    out, records = preprocess(make_data(c), {"diagonal_correction": {"enabled": False}})
+    assert out.c2_exp[0, 6, 2] == out.c2_exp[0, 2, 6] == c[2, 6]
+    assert records[1]["counts"]["nan_from_partner"] == 1
+
+
+@pytest.mark.parametrize("method", ["basic", "statistical", "interpolation"])
+def test_diagonal_correction_with_masked_neighbours(method):
+    c = model_c2(n=12)
+    c[4, 5] = c[5, 4] = np.nan
+    out, _ = preprocess(make_data(c), {"diagonal_correction": {"method": method}})
+    m = out.c2_exp[0]
+    off = ~np.eye(12, dtype=bool)
+    # Off-diagonal: untouched, the hole still a hole; the diagonal may be NaN next to it.
+    np.testing.assert_array_equal(m[off], c[off])
+    d = np.diag(m)
+    assert np.isfinite(np.delete(d, [4, 5])).all()
+    if method == "statistical":  # NaN-aware median: the other neighbours still count
+        assert np.isfinite(d).all()
+
+
+def test_angle_without_any_finite_value_passes_preprocess():
+    # Not an error here: QC drops the angle and records why.
+    c = np.stack([model_c2(n=10)] * 2)
+    c[1] = np.nan
+    for settings in ({}, {"normalization": {"enabled": True}}):
+        out, records = preprocess(make_data(c), settings)
+        assert np.isnan(out.c2_exp[1]).all()
+        assert np.isfinite(out.c2_exp[0]).all()
+        masked = {r["step"]: r for r in records}["validation"]["masked_per_angle"]
+        assert masked[1]["masked"] == 45 and masked[1]["fraction"] == 1.0
+    (rec,) = [r for r in records if r["step"] == "normalization"]
+    assert rec["applied"] and rec["parameters"]["baselines"][1] is None  # strict JSON: null
+
+
+def test_normalization_uses_finite_elements_and_names_an_unformable_baseline():
+    c = np.stack([1.07 * model_c2(n=60, tau=5.0)] * 2)
+    c[0, 0, 59] = c[0, 59, 0] = np.nan  # one long-lag element masked: mean of the rest
+    out, records = preprocess(make_data(c), {"normalization": {"enabled": True}})
+    (rec,) = [r for r in records if r["step"] == "normalization"]
+    np.testing.assert_allclose(rec["parameters"]["baselines"], [1.07, 1.07], rtol=1e-3)
+    assert np.isnan(out.c2_exp[0, 0, 59])
+    c[1, :15, :] = np.nan  # frames 0..14 lost: every element at lags >= 45 is masked
+    c[1, :, :15] = np.nan
+    with pytest.raises(DataError, match=r"angle index 1: long-lag baseline .* masked"):
+        preprocess(make_data(c), {"normalization": {"enabled": True}})
 
 
 def test_asymmetric_input_rejected_naming_angle():
@@ -212,8 +327,8 @@ def test_provenance_records():
     }
     _, records = preprocess(make_data(model_c2(n=20)), settings)
     steps = [r["step"] for r in records]
-    assert steps == ["format", "diagonal_correction", "normalization", "noise_reduction",
-                     "validation"]  # fmt: skip
+    assert steps == ["format", "masking", "diagonal_correction", "normalization",
+                     "noise_reduction", "validation"]  # fmt: skip
     for r in records:
         assert RECORD_FIELDS <= set(r), r
         assert r["stage"] == "preprocess" and r["duration_ms"] >= 0
@@ -228,7 +343,7 @@ def test_diagonal_correction_can_be_disabled():
     c = model_c2(n=12)
     out, records = preprocess(make_data(c), {"diagonal_correction": {"enabled": False}})
     np.testing.assert_array_equal(out.c2_exp[0], c)
-    assert records[1]["step"] == "diagonal_correction" and records[1]["applied"] is False
+    assert records[2]["step"] == "diagonal_correction" and records[2]["applied"] is False
 
 
 # -------------------------------------------------------------------------- settings
@@ -291,7 +406,7 @@ def test_stage_writes_both_files(tmp_path):
     prov = json.loads(out_json.read_text())
     assert prov["schema_version"] == 1
     assert prov["settings"]["diagonal_correction"]["method"] == "interpolation"
-    assert [r["step"] for r in prov["records"]][1] == "diagonal_correction"
+    assert [r["step"] for r in prov["records"]][2] == "diagonal_correction"
     assert all(RECORD_FIELDS <= set(r) for r in prov["records"])
 
 

@@ -2,9 +2,11 @@
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import yaml
 from conftest import check_figure_dir
 from homodyne_steps.errors import ConfigError
 from homodyne_steps.wfconfig import (
-    STAGE_MODULES,
+    STAGES,
     code_fingerprint,
     stage_settings,
     validate_config,
@@ -36,15 +38,20 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
-def snakemake(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def snakemake(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["snakemake", "--cores", "2", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+        ["snakemake", "--cores", "2", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
 
 
-def planned_jobs(cwd: Path) -> dict[str, int]:
+def planned_jobs(cwd: Path, env: dict | None = None) -> dict[str, int]:
     """Rule -> job count of a dry run ({} when nothing is to be done)."""
-    done = snakemake(cwd, "-n")
+    done = snakemake(cwd, "-n", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     text = done.stdout + done.stderr
     if "Nothing to be done" in text:
@@ -70,13 +77,16 @@ def test_default_config_is_valid():
         ),
         (
             lambda c: c["datasets"]["demo"].update(L="2.0e6"),
-            "datasets.demo.L: '2.0e6' is not of type 'number'",
+            "datasets.demo.L: got '2.0e6'; expected a number > 0 (the value is the string",
         ),
         (lambda c: c["datasets"]["demo"].update(qq=1.0), "datasets.demo.qq: unknown key"),
-        (lambda c: c["datasets"]["demo"].pop("L"), "datasets.demo: 'L' is a required property"),
+        (lambda c: c["datasets"]["demo"].pop("L"), "datasets.demo.L: required key is missing"),
         (lambda c: c.update(filtr={}), "filtr: unknown key"),
         (lambda c: c["filter"].update(phi_ranges=[[0, 10, 20]]), "filter.phi_ranges"),
-        (lambda c: c["qc"].update(on_fail="ignore"), "qc.on_fail: 'ignore' is not one of"),
+        (
+            lambda c: c["qc"].update(on_fail="ignore"),
+            "qc.on_fail: got 'ignore'; expected one of ['error', 'warn']",
+        ),
         (lambda c: c["datasets"]["demo"]["frames"].update(start=0), "datasets.demo.frames.start"),
     ],
 )
@@ -102,9 +112,60 @@ def test_stage_slices_are_canonical_and_minimal():
 
 
 def test_code_fingerprints_name_the_version_and_differ_by_stage():
-    prints = {s: code_fingerprint(s) for s in STAGE_MODULES}
+    prints = {s: code_fingerprint(s) for s in STAGES}
     assert len(set(prints.values())) == len(prints)
     assert all("+" in p for p in prints.values())
+
+
+def _fingerprints(src: Path) -> dict[str, str]:
+    """Every stage's code fingerprint as computed from the package under ``src``."""
+    code = (
+        "import json; from homodyne_steps.wfconfig import STAGES, code_fingerprint; "
+        "print(json.dumps({s: code_fingerprint(s) for s in STAGES}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(src)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
+def test_code_edits_change_exactly_the_stages_that_import_the_module(tmp_path):
+    """The fingerprints follow the real imports: edit a module in a copy, see who changes."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "homodyne_steps", src / "homodyne_steps")
+    pkg = src / "homodyne_steps"
+    before = _fingerprints(src)
+
+    def changed_after(edit) -> set[str]:
+        nonlocal before
+        edit()
+        after = _fingerprints(src)
+        out = {s for s in after if after[s] != before[s]}
+        before = after
+        return out
+
+    def append(name: str, text: str) -> None:
+        with open(pkg / f"{name}.py", "a", encoding="utf-8") as fh:
+            fh.write(text)
+
+    # reference.py holds the simulator's reference cases: only `simulate` reads it.
+    assert changed_after(lambda: append("reference", "\n# edited\n")) == {"simulate"}
+    # The noise model: the fit, the shards and the combine (which re-fits at the consensus).
+    assert changed_after(lambda: append("noise", "\n# edited\n")) == {
+        "nlsq",
+        "cmc_shard",
+        "cmc_combine",
+    }
+    # cli.py holds the command line (load defaults among it): every stage runs through it.
+    assert changed_after(lambda: append("cli", "\n# edited\n")) == set(STAGES)
+    # A new import is followed: once filter imports reference, editing reference reruns it.
+    new_import = "\nfrom homodyne_steps import reference  # noqa: E402, F401\n"
+    assert changed_after(lambda: append("filter", new_import)) == {"filter"}
+    assert changed_after(lambda: append("reference", "# again\n")) == {"simulate", "filter"}
 
 
 def test_conda_env_matches_pyproject():
@@ -281,5 +342,26 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
         "preprocess": 1,
         "qc": 1,
         **data_plots,
+        **downstream,
+    }
+    # Code edits, in a copy of the package the workflow imports: a leaf module's edit
+    # reruns exactly the stages whose import closure holds it.
+    write_config(cwd, CONFIG)
+    shutil.copytree(ROOT / "src" / "homodyne_steps", cwd / "src" / "homodyne_steps")
+    env = {**os.environ, "PYTHONPATH": str(cwd / "src")}
+    assert planned_jobs(cwd, env) == {}
+    with open(cwd / "src" / "homodyne_steps" / "plot_common.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# edited\n")
+    plots_only = {"plot_data": 1, "plot_qc": 1, "plot_nlsq": 1, "plot_cmc": 1, "all": 1}
+    assert planned_jobs(cwd, env) == plots_only
+    with open(cwd / "src" / "homodyne_steps" / "reference.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# edited\n")
+    assert planned_jobs(cwd, env) == {
+        "simulate": 1,
+        "load": 1,
+        "filter": 1,
+        "preprocess": 1,
+        "qc": 1,
+        **plots_only,
         **downstream,
     }

@@ -243,7 +243,8 @@ def _run_load(args: argparse.Namespace) -> int:
     from homodyne_steps.settings import check_keys, parse_settings_json
 
     s = parse_settings_json(args.settings, "load")
-    check_keys(s, {"q", "dt", "frames", "q_tolerance", "storage"}, "load")
+    keys = {"q", "dt", "frames", "q_tolerance", "storage", "missing_frame_factors", "time_origin"}
+    check_keys(s, keys, "load")
     if "q" not in s:
         raise HomodyneStepsError("load: the target q (1/Å) is required")
     frames = s.get("frames") or {}
@@ -257,7 +258,9 @@ def _run_load(args: argparse.Namespace) -> int:
         end_frame=frames.get("end", -1),
         dt=s.get("dt"),
         q_tolerance=s.get("q_tolerance", 0.1),
-        storage=s.get("storage", "upper"),
+        storage=s.get("storage", "auto"),
+        missing_frame_factors=s.get("missing_frame_factors", "error"),
+        time_origin=s.get("time_origin", "file"),
     )
     print(f"loaded {data.n_phi} angles x {data.n_t} frames at q = {data.q:.6g} 1/Å")
     return 0
@@ -580,7 +583,6 @@ def pin_threads(n: int) -> None:
     """
     import fcntl
     import os
-    import tempfile
 
     if n < 1:
         raise SystemExit("homodyne-steps: --threads must be >= 1")
@@ -589,28 +591,71 @@ def pin_threads(n: int) -> None:
     allowed = sorted(os.sched_getaffinity(0))
     if n >= len(allowed):
         return
-    lock_dir = os.path.join(tempfile.gettempdir(), f"homodyne-steps-cores-{os.getuid()}")
-    os.makedirs(lock_dir, exist_ok=True)
+    lock_dir = _private_lock_dir()
     start = os.getpid() % len(allowed)
     order = allowed[start:] + allowed[:start]
     chosen: list[int] = []
-    for cpu in order:
+    for cpu in order if lock_dir else ():
         if len(chosen) == n:
             break
-        fh = open(os.path.join(lock_dir, f"cpu{cpu}.lock"), "w")  # noqa: SIM115
+        # No O_TRUNC, no symlinks followed: a lock file only ever holds a lock.
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
+            fd = os.open(
+                os.path.join(lock_dir, f"cpu{cpu}.lock"),
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except OSError:  # a symlink planted in our folder, or no access: not this core
             continue
-        _CORE_LOCKS.append(fh)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _CORE_LOCKS.append(fd)
         chosen.append(cpu)
-    for cpu in order:  # oversubscribed: share cores rather than wait
+    for cpu in order:  # oversubscribed (or no lock folder): share cores rather than wait
         if len(chosen) == n:
             break
         if cpu not in chosen:
             chosen.append(cpu)
     os.sched_setaffinity(0, chosen)
+
+
+def _warn(message: str) -> None:
+    print(f"homodyne-steps: {message}", file=sys.stderr)
+
+
+def _private_lock_dir() -> str | None:
+    """``$TMPDIR/homodyne-steps-cores-<uid>``, made 0700 and checked to be ours.
+
+    /tmp is shared: another user could plant a symlink or a folder of their own there
+    and have our lock files point at the runner's files. The folder must be a real
+    directory (not a link) owned by this user with no group/other access; otherwise CPU
+    pinning goes on without locks (cores by rotation) and says why on stderr.
+    """
+    import os
+    import stat
+    import tempfile
+
+    lock_dir = os.path.join(tempfile.gettempdir(), f"homodyne-steps-cores-{os.getuid()}")
+    try:
+        os.mkdir(lock_dir, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        _warn(f"cannot create {lock_dir} ({exc.strerror}); pinning cores without locks")
+        return None
+    info = os.lstat(lock_dir)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        _warn(
+            f"{lock_dir} is not a directory owned by uid {os.getuid()}; pinning cores "
+            "without locks (remove it, or set TMPDIR)"
+        )
+        return None
+    if info.st_mode & 0o077:  # ours, but made with a loose umask by an older version
+        os.chmod(lock_dir, 0o700, follow_symlinks=False)
+    return lock_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -642,6 +687,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except HomodyneStepsError as exc:
         print(f"homodyne-steps {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable results/, full disk, a file where a folder is...
+        where = exc.filename or "a file"
+        reason = exc.strerror or str(exc)
+        print(f"homodyne-steps {args.command}: error: {where}: {reason}", file=sys.stderr)
         return 2
 
 

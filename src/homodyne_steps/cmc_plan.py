@@ -5,6 +5,12 @@ angle-stratified: within each angle the points are shuffled with the plan's seed
 dealt round-robin, so every shard holds every angle in proportion and spans all lags
 and ages (:func:`homodyne_steps.stratify.stratified_plan`).
 
+Only points with finite c2 are planned and counted: a masked (NaN) element has weight 0
+in the likelihood, so it would fill a shard without informing it, and counting it would
+let the size and information rules below allow more shards than the data support. The
+ids keep their meaning (id = angle × n_pairs + pair over *all* pairs); masked ids simply
+appear in no shard, and padding is n_ids = n_angles × n_pairs.
+
 Shard count (``num_shards: auto``), every decision recorded in plan.json:
 
 1. by size: K = ceil(N / max_points_per_shard) — NUTS cost per step grows with the
@@ -28,7 +34,7 @@ import numpy as np
 
 from homodyne_steps.coordinates import SAMPLING_COORDINATES, SHARDABLE_COORDINATES
 from homodyne_steps.dataset import XpcsData
-from homodyne_steps.errors import ConfigError
+from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.registry import REGISTRY, canonical_mode
 from homodyne_steps.scaling import fourier_order
 from homodyne_steps.serialise import write_json, write_npz
@@ -64,6 +70,15 @@ class ShardingSettings:
             ),
             seed=get_int(m, "seed", 0, where, minimum=0),
         )
+
+
+def finite_point_ids(c2: np.ndarray) -> np.ndarray:
+    """Ids (angle * n_pairs + pair, ascending) of the upper-triangle points with finite
+    c2: the points that carry weight in the likelihood."""
+    c2 = np.asarray(c2)
+    i, j = np.triu_indices(c2.shape[-1], k=1)
+    finite = np.concatenate([np.isfinite(m[i, j]) for m in c2])
+    return np.flatnonzero(finite)
 
 
 def sampled_parameter_count(mode: str, scaling_mode: str, n_phi: int) -> int:
@@ -143,10 +158,17 @@ def cmc_plan_stage(
     start = time.perf_counter()
     data = XpcsData.from_npz(qc_npz)
     n_pairs = data.n_t * (data.n_t - 1) // 2
-    n_points = data.n_phi * n_pairs
+    n_ids = data.n_phi * n_pairs
+    ids = finite_point_ids(data.c2_exp)
+    n_points = int(ids.size)
+    if n_points == 0:
+        raise DataError(
+            f"{qc_npz}: no point with finite c2 above the diagonal ({n_ids} masked); "
+            "nothing to sample"
+        )
     n_params = sampled_parameter_count(mode, scaling_mode, data.n_phi)
     k, decisions = choose_num_shards(n_points, n_params, settings, sampling_coordinates)
-    angle = np.repeat(np.arange(data.n_phi), n_pairs)  # point ids are angle-major
+    angle = ids // n_pairs  # point ids are angle-major
     t0 = time.perf_counter()
     plan = stratified_plan(angle, -(-n_points // k), seed=settings.seed)
     diag = diagnose(plan, angle, 1e3 * (time.perf_counter() - t0)).to_dict()
@@ -161,12 +183,17 @@ def cmc_plan_stage(
             ),
         }
     )
-    indices = plan.indices.astype(np.int32 if n_points < 2**31 - 1 else np.int64)
-    write_npz(out_npz, indices=indices, n_points=np.int64(n_points))
+    # The plan deals positions 0..n_points-1 of `ids` (padding n_points); map them back to
+    # point ids (padding n_ids, which cmc_shard drops).
+    pos = plan.indices
+    mapped = np.where(pos < n_points, ids[np.minimum(pos, n_points - 1)], n_ids)
+    indices = mapped.astype(np.int32 if n_ids < 2**31 - 1 else np.int64)
+    write_npz(out_npz, indices=indices, n_points=np.int64(n_points), n_ids=np.int64(n_ids))
     record = {
         "schema_version": SCHEMA_VERSION,
         "num_shards": plan.n_chunks,
         "n_points": n_points,
+        "n_masked": n_ids - n_points,
         "n_angles": data.n_phi,
         "n_time_points": data.n_t,
         "n_sampled_parameters": n_params,
@@ -179,7 +206,8 @@ def cmc_plan_stage(
         "decisions": decisions,
         "stratification": diag,
         "point_ids": "id = angle * n_pairs + pair, pairs in numpy.triu_indices(n_t, 1) order; "
-        "plan.npz 'indices' (num_shards, m), padded with n_points",
+        "plan.npz 'indices' (num_shards, m), padded with n_ids = n_angles * n_pairs; ids "
+        "of masked (non-finite) c2 are in no shard",
         "duration_s": time.perf_counter() - start,
     }
     write_json(out_json, record)

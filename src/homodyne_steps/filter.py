@@ -11,7 +11,16 @@ from the fit. Selections:
   (``end: -1`` = last). Trims, e.g., an early transient without re-reading the file.
   Times keep their values (no re-basing to 0): D(t) and γ̇(t) depend on absolute time.
 - ``exclude_t0``: drop the frame at t = 0 (on by default, as the reference CLI does):
-  the power laws of D(t) and γ̇(t) are singular there for negative exponents.
+  the power laws of D(t) and γ̇(t) are singular there for negative exponents. Only a
+  frame whose t is 0 is dropped (t1 < dt/2), never "the first kept frame".
+
+Time convention (one axis for the whole package): t is a frame's time since the first
+frame of the *file*, t = dt · (frame − 1) with 1-based file frames; the load stage
+builds it so (``time_origin: file``, its default). Frames 11–60 chosen in load
+(``frames``) or here (on the whole file) therefore give identical t1/t2 and c2, and
+only file frame 1 sits at t = 0. Under load's ``time_origin: first_loaded`` (the
+reference package's convention, for comparisons) t = 0 is the first loaded frame, so
+``exclude_t0`` drops that frame instead.
 - ``quality``: optionally drop angles whose first-lag contrast (mean of the first
   off-diagonal band minus the long-lag baseline; the diagonal carries shot noise) is
   below ``min_contrast``, or with more than ``max_nonfinite_fraction`` NaN/Inf entries.

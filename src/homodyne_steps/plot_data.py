@@ -6,7 +6,11 @@ Figures (in ``results/{dataset}/plots/data/``):
   after (``preprocessed.npz``) preprocessing on one colour scale, and after − before.
   The scale spans the 0.5–99.5 percentiles of the off-diagonal values of both, so the
   diagonal's shot-noise excess saturates instead of washing out the decay; the third
-  panel shows what preprocessing changed (the diagonal, for the diagonal correction).
+  panel shows what preprocessing changed in the fitted data (the diagonal, for the
+  diagonal correction). When ``preprocess.noise_reduction`` is on, the "after" panel
+  shows the display-only smoothed matrices (``c2_smoothed`` in ``preprocessed.npz``; the
+  fit reads the unsmoothed ``c2_exp``) and its title says so. Masked (NaN) elements are
+  left blank.
 - ``g2_vs_lag.png``: g2 at each lag τ = t2 − t1 (diagonal averages of c2 after
   preprocessing), one line per angle, τ on a log axis: the decay and the baseline.
 """
@@ -40,6 +44,9 @@ from homodyne_steps.plot_common import (
 G2_SIZE = (8.0, 5.0)
 
 
+SMOOTHED_KEY = "c2_smoothed"  # display-only array written by preprocess
+
+
 def _load(path, what: str) -> XpcsData:
     try:
         return XpcsData.from_npz(path)
@@ -47,22 +54,52 @@ def _load(path, what: str) -> XpcsData:
         raise PlotError(f"plot_data: {what}: {exc}") from None
 
 
-def show_before_after(row: HeatmapRow, before: XpcsData, after: XpcsData, k: int) -> None:
+def _load_smoothed(path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The display-only smoothed c2 of ``preprocessed.npz``, or None when there is none."""
+    try:
+        # np.load of an .npz reads a member only when asked: c2_exp is not read twice.
+        with np.load(path, allow_pickle=False) as npz:
+            smoothed = npz[SMOOTHED_KEY] if SMOOTHED_KEY in npz.files else None
+    except (OSError, ValueError) as exc:
+        raise PlotError(f"plot_data: cannot read {SMOOTHED_KEY} from {path}: {exc}") from None
+    if smoothed is not None and smoothed.shape != shape:
+        raise PlotError(
+            f"plot_data: {path}: {SMOOTHED_KEY} has shape {smoothed.shape}, expected c2_exp's "
+            f"{shape}"
+        )
+    return smoothed
+
+
+def show_before_after(
+    row: HeatmapRow,
+    before: XpcsData,
+    after: XpcsData,
+    k: int,
+    smoothed: np.ndarray | None = None,
+) -> None:
     """Angle ``k`` into ``row``: before | after preprocessing (one colour scale) | after −
-    before (what preprocessing changed, symmetric diverging scale)."""
+    before (what preprocessing changed, symmetric diverging scale). ``smoothed``: the
+    display-only smoothed matrices, shown in the "after" panel; the difference is always
+    that of the fitted data."""
     b, a = before.c2_exp[k], after.c2_exp[k]
-    lim = robust_limits(offdiagonal_sample([b, a]))
+    shown = a if smoothed is None else smoothed[k]
+    lim = robust_limits(offdiagonal_sample([b, shown]))
     diff = a - b
     finite = diff[np.isfinite(diff)]
     span = float(np.max(np.abs(finite))) if finite.size else 0.0
     span = span if span > 0 else 1e-3
     changed = int(np.count_nonzero(finite))
+    after_title = (
+        "after preprocessing"
+        if smoothed is None
+        else "after preprocessing, smoothed\n(display only; the fit is unsmoothed)"
+    )
     row.show(
-        [b, a, diff],
+        [b, shown, diff],
         after.t1,
         [lim, lim, (-span, span)],
         ["viridis", "viridis", "RdBu_r"],
-        ["before preprocessing", "after preprocessing", f"after − before ({changed} changed)"],
+        ["before preprocessing", after_title, f"after − before ({changed} changed)"],
         [r"$c_2(t_1, t_2)$", r"$\Delta c_2$"],
         f"{phi_label(after.phi_angles_list[k])}, {q_label(after.wavevector_q_list[k])}: "
         r"two-time correlation $c_2$ before and after preprocessing",
@@ -106,12 +143,13 @@ def plot_data_stage(
             f"({after.c2_exp.shape}, angles {after.phi_angles_list.tolist()}) do not hold "
             "the same angles and frames"
         )
+    smoothed = _load_smoothed(preprocessed_npz, after.c2_exp.shape)
     figs = new_figure_set(out_dir, s, "plot_data")
     with style():
         row = HeatmapRow(s.max_pixels)
         try:
             for k, name in enumerate(angle_file_names("c2_data", after.phi_angles_list)):
-                show_before_after(row, before, after, k)
+                show_before_after(row, before, after, k, smoothed)
                 phi = float(after.phi_angles_list[k])
                 figs.save(
                     row.fig,
@@ -137,4 +175,5 @@ def plot_data_stage(
         inputs={"before": str(filtered_npz), "after": str(preprocessed_npz)},
         n_angles=after.n_phi,
         n_frames=after.n_t,
+        smoothed_for_display=smoothed is not None,
     )

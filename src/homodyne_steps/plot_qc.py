@@ -3,8 +3,8 @@
 Figure (in ``results/{dataset}/plots/qc/``): ``qc_summary.png``, from ``qc_report.json``:
 the overall score and status, the score at each checkpoint (raw, filtered,
 preprocessed, final) against the pass / warn / excellent thresholds, the points each
-check deducted at the final checkpoint, and the issues, recommendations and repairs
-written out.
+check deducted at the final checkpoint, and the issues, recommendations, repairs
+(masked elements: NaN, never filled) and dropped angles written out.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from homodyne_steps.plot_common import (
     status_colour,
     style,
 )
-from homodyne_steps.qc import DEDUCTIONS
+from homodyne_steps.qc import DEDUCTIONS, FATAL_CHECKS
 
 PAGE_SIZE = (11.0, 7.5)
 CHECKPOINTS = ("raw", "filtered", "preprocessed", "final")
 MAX_LINES = 22  # issue/repair lines on the page; the rest is counted
+WRAP = 138  # characters of 8.5 pt monospace that fit the page's 10.1 in text width
 
 
 def _lines(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -53,6 +54,21 @@ def _lines(report: dict[str, Any]) -> list[tuple[str, str]]:
         )
     if not repairs:
         out.append((status_colour("good"), "  none needed"))
+    masked = final.get("masked") or {}
+    if masked.get("count"):
+        out.append(
+            (
+                "black",
+                f"Masked (NaN, not fitted) at the final checkpoint: {masked['count']} of "
+                f"{masked.get('of')} off-diagonal pairs ({100 * masked.get('fraction', 0):.1f} %)",
+            )
+        )
+    dropped = report.get("dropped_angles") or []
+    if dropped:
+        out.append(("black", f"Angles dropped from the final data ({len(dropped)}):"))
+        for d in dropped:
+            where = f"angle {d.get('angle_index')} (phi={d.get('phi', float('nan')):g} deg)"
+            out.append((status_colour("warn"), f"  {where}: {d.get('reason')}"))
     earlier = []
     final_codes = {(i.get("code"), i.get("angle_index")) for i in issues}
     for name in CHECKPOINTS[:-1]:
@@ -113,7 +129,10 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
 
     # Points each check took at the final checkpoint, out of its maximum.
     deductions = (report["checkpoints"].get("final") or {}).get("deductions") or {}
-    checks = list(DEDUCTIONS) + [k for k in deductions if k not in DEDUCTIONS]
+    # A dataset-level verdict takes all 100 points: shown only when it was taken, so the
+    # usual checks keep a readable scale.
+    checks = [k for k in DEDUCTIONS if k not in FATAL_CHECKS or k in deductions]
+    checks += [k for k in deductions if k not in DEDUCTIONS]
     y = range(len(checks))
     top = [DEDUCTIONS[k] if k in DEDUCTIONS else deductions[k] for k in checks]
     took = [float(deductions.get(k, 0.0)) for k in checks]
@@ -139,7 +158,7 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
     lines = _lines(report)
     wrapped: list[tuple[str, str]] = []
     for colour, text in lines:
-        for piece in textwrap.wrap(text, 150, subsequent_indent="      ") or [""]:
+        for piece in textwrap.wrap(text, WRAP, subsequent_indent="      ") or [""]:
             wrapped.append((colour, piece))
     if len(wrapped) > MAX_LINES:
         rest = len(wrapped) - MAX_LINES + 1

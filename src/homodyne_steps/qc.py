@@ -2,8 +2,15 @@
 
 The data are scored (0–100) at four checkpoints: ``raw`` (as loaded), ``filtered``
 (after angle/q/frame selection), ``preprocessed`` (after diagonal correction etc.) and
-``final`` (the preprocessed data after the auto-repairs below). The final score decides
-whether the workflow goes on.
+``final`` (the preprocessed data after the auto-repairs and angle drops below: the data
+the fit reads, ``qc.npz``). The final score decides whether the workflow goes on.
+
+QC never invents data. A masked element is NaN; the NLSQ fit, CMC and the noise
+estimate give every non-finite element weight 0, so a NaN costs information and biases
+nothing, while a filled-in value would be fitted at full weight as if it were measured
+(30 lost frames once became 8 535 invented points, σ 0.0077 instead of 0.0100, and QC
+said "excellent"). So the repairs mask what is not a measurement and transform only
+measured values; the score charges the masked fraction.
 
 Scoring starts at 100; each check that finds a problem deducts points (table
 :data:`DEDUCTIONS`), and the score is floored at 0. Per-angle checks deduct
@@ -15,7 +22,13 @@ correction removes it, so it would otherwise flag every raw file):
 Checks, with the points each deducts (per-angle checks: × affected/all angles):
 
 - ``too_few_times`` (30): fewer than ``min_time_points`` frames.
-- ``non_finite`` (10 + 200 × fraction of elements, at most 40): NaN/Inf, counted per angle.
+- ``infinite`` (10 + 200 × fraction of elements, at most 40): ±Inf, counted per angle.
+  Inf is no measurement (a division by zero upstream): a sign of a broken file.
+- ``masked`` (40 × masked fraction): an off-diagonal pair (i < j) is masked when
+  neither c2[i, j] nor c2[j, i] is finite, i.e. the fit will not use it; the fraction is
+  over every angle's upper triangle, and at the ``final`` checkpoint an angle dropped
+  for too many masked elements counts as wholly masked. One issue (warning) per angle
+  with masked pairs, naming the count and fraction.
 - ``negative`` (10 + 100 × fraction, at most 30): finite c2 < 0; intensity correlations
   cannot be negative, so this is background subtraction or a sign/normalisation error.
 - ``asymmetric`` (10, per angle): max |c2 − c2ᵀ| > ``symmetry_tolerance`` × median |c2|.
@@ -29,10 +42,21 @@ Checks, with the points each deducts (per-angle checks: × affected/all angles):
 - ``outlier`` (10, per angle): contrast or baseline differs from the median over angles by
   more than ``outlier_tolerance`` × the median contrast. Only angles without another
   per-angle issue are tested (one bad angle is not charged twice); needs ≥ 3 angles.
+- ``no_correlation_decay`` (100, dataset): *every* angle fails ``no_decay``: c2 is flat
+  (e.g. constant 1 + noise), there is nothing to fit, and the dataset fails whatever the
+  other checks say (per angle, no_decay alone would leave 70, "good").
+- ``all_angles_masked`` (100, final checkpoint): every angle was dropped (below); the
+  stage then fails even with ``on_fail: warn``, since nothing is left to fit.
 
 The noise is estimated per angle from differences of neighbouring elements along each
 lag band (c2[i+1, j+1] − c2[i, j]): the signal barely changes along a band, so the robust
 spread (1.4826 × MAD / √2) of these differences is the per-element noise.
+
+Angle drops: after the repairs, an angle whose masked fraction exceeds
+``max_masked_fraction`` (default 0.5), or that has no finite off-diagonal element at
+all, is removed from the final data and listed in the report's ``dropped_angles`` (angle
+index, phi, q, masked count and fraction, reason). Issues of the final checkpoint name
+the angles by their index in the preprocessed data.
 
 Labels: ``excellent`` (≥ excellent), ``good`` (≥ warn), ``acceptable`` (≥ pass), ``poor``.
 The overall status is ``excellent``, ``pass``, ``warn`` or ``fail`` on the same cut points.
@@ -43,7 +67,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -60,7 +84,8 @@ CHECKPOINTS = ("raw", "filtered", "preprocessed", "final")
 # Points per check (see the module docstring for how each is applied).
 DEDUCTIONS: dict[str, float] = {
     "too_few_times": 30.0,
-    "non_finite": 40.0,  # cap; base 10 + 200 × fraction of elements
+    "infinite": 40.0,  # cap; base 10 + 200 × fraction of elements
+    "masked": 40.0,  # × masked fraction of the off-diagonal upper triangle
     "negative": 30.0,  # cap; base 10 + 100 × fraction of elements
     "asymmetric": 10.0,
     "first_lag": 25.0,
@@ -68,15 +93,22 @@ DEDUCTIONS: dict[str, float] = {
     "no_decay": 30.0,
     "high_noise": 15.0,
     "outlier": 10.0,
+    "no_correlation_decay": 100.0,  # dataset: no angle decays
+    "all_angles_masked": 100.0,  # final: every angle dropped
 }
+# Dataset-level verdicts that fail the data on their own (not part of the usual budget).
+FATAL_CHECKS = ("no_correlation_decay", "all_angles_masked")
 
 # What to do about each issue; shown once per code in a checkpoint's recommendations.
 RECOMMENDATIONS: dict[str, str] = {
     "too_few_times": "Use more frames (widen start_frame/end_frame) so the decay is sampled.",
-    "non_finite": "NaN/Inf elements are filled by auto_repair; check the correlator output "
-    "or the frame range if there are many.",
-    "negative": "Negative correlations are replaced by auto_repair; check background "
-    "subtraction and the normalisation of c2.",
+    "infinite": "Inf elements are no measurements: they are masked (NaN, not fitted). Check "
+    "the correlator output (a division by zero?).",
+    "masked": "Masked (NaN) elements are not fitted and nothing is filled in; many of them "
+    "(lost frames, detector gaps) cost information. Check the frame range; angles above "
+    "qc.max_masked_fraction are dropped.",
+    "negative": "Negative correlations are masked by auto_repair (NaN, not fitted); check "
+    "background subtraction and the normalisation of c2.",
     "asymmetric": "c2 should be symmetric; auto_repair averages c2 and its transpose. Check "
     "how the matrix was reconstructed from its upper triangle.",
     "first_lag_high": "c2 at the first lag exceeds g2_ceiling: check the normalisation "
@@ -90,6 +122,12 @@ RECOMMENDATIONS: dict[str, str] = {
     "high_noise": "Noisy data: consider more frames, wider angle bins, or noise reduction.",
     "outlier": "One angle differs strongly from the others: check its phi bin (mask, beam "
     "stop, detector gap) or exclude it.",
+    "no_correlation_decay": "No angle shows a correlation decay: c2 is flat, so there is "
+    "nothing to fit. Check the q ring, the frame range and time step (dynamics much faster "
+    "or slower than the window?), or whether the file holds correlations at all.",
+    "all_angles_masked": "Every angle has more masked elements than qc.max_masked_fraction "
+    "allows: check the frame range and the correlator output, or raise "
+    "qc.max_masked_fraction.",
 }
 
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -107,7 +145,8 @@ class QcSettings:
             (``thresholds: {pass, warn, excellent}``), 0 ≤ pass < warn < excellent ≤ 100.
         on_fail: ``"error"`` stops the workflow when the final score < pass; ``"warn"``
             writes the outputs anyway with status ``fail``.
-        auto_repair: repair NaN/Inf/negative/asymmetric/percent-scaled data for ``final``.
+        auto_repair: for ``final``, mask Inf and negative values (NaN), copy a NaN's
+            finite symmetric partner, symmetrise, rescale percent data. Nothing is filled.
         g2_ceiling, g2_floor: allowed range of the mean c2 at the first non-zero lag
             (g2 ≤ 2 for chaotic light; far below 1 means a wrong normalisation).
         baseline_tolerance: allowed |long-lag baseline − 1|.
@@ -118,6 +157,8 @@ class QcSettings:
             median over angles, in units of the median contrast.
         symmetry_tolerance: allowed max |c2 − c2ᵀ| relative to the median |c2|.
         min_time_points: fewest frames for a usable two-time matrix.
+        max_masked_fraction: an angle with a larger fraction of masked off-diagonal
+            pairs (in [0, 1]) is dropped from the final data.
     """
 
     pass_threshold: float = 50.0
@@ -134,6 +175,7 @@ class QcSettings:
     outlier_tolerance: float = 0.5
     symmetry_tolerance: float = 1e-6
     min_time_points: int = 20
+    max_masked_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _validate(asdict(self), "qc")
@@ -241,6 +283,9 @@ def _validate(v: Mapping[str, Any], where: str) -> None:
     n = v["min_time_points"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ConfigError(f"{where}.min_time_points must be an integer >= 2, got {n!r}")
+    f = v["max_masked_fraction"]
+    if not 0 <= f <= 1:
+        raise ConfigError(f"{where}.max_masked_fraction must be in [0, 1], got {f!r}")
 
 
 # --------------------------------------------------------------------------- assessment
@@ -272,6 +317,7 @@ class CheckpointReport:
     issues: tuple[Issue, ...] = ()
     recommendations: tuple[str, ...] = ()
     deductions: dict[str, float] = field(default_factory=dict)
+    masked: dict[str, Any] = field(default_factory=dict)  # see masked_summary
 
     def to_mapping(self) -> dict[str, Any]:
         return {
@@ -280,6 +326,7 @@ class CheckpointReport:
             "issues": [i.to_mapping() for i in self.issues],
             "recommendations": list(self.recommendations),
             "deductions": dict(self.deductions),
+            "masked": self.masked,
         }
 
 
@@ -342,6 +389,22 @@ def angle_stats(c: np.ndarray) -> AngleStats:
     return AngleStats(first_lag, baseline, noise)
 
 
+def masked_pairs(c: np.ndarray) -> int:
+    """Off-diagonal pairs (i < j) of one matrix the fit cannot use: neither c[i, j] nor
+    c[j, i] is finite (a lone NaN takes its finite partner in preprocess and repair)."""
+    i, j = _triu(c.shape[0], 1)
+    return int(np.count_nonzero(~(np.isfinite(c[i, j]) | np.isfinite(c[j, i]))))
+
+
+def masked_counts(c2: np.ndarray) -> np.ndarray:
+    """:func:`masked_pairs` of every angle of (n_phi, n_t, n_t) data."""
+    return np.array([masked_pairs(m) for m in c2], dtype=np.int64)
+
+
+def _n_pairs(n_t: int) -> int:
+    return n_t * (n_t - 1) // 2
+
+
 def _label(score: float, s: QcSettings) -> str:
     if score >= s.excellent_threshold:
         return "excellent"
@@ -362,13 +425,22 @@ def _status(score: float, s: QcSettings) -> str:
     return "fail"
 
 
-def assess(data: XpcsData, checkpoint: str, settings: QcSettings | None = None) -> CheckpointReport:
+def assess(
+    data: XpcsData,
+    checkpoint: str,
+    settings: QcSettings | None = None,
+    *,
+    dropped: Sequence[Mapping[str, Any]] = (),
+    angle_ids: Sequence[int] | None = None,
+) -> CheckpointReport:
     """Score ``data`` at ``checkpoint`` (raw|filtered|preprocessed|final); pure function.
 
     The same checks run at every checkpoint: none of them looks at the diagonal, so raw
     data (diagonal not yet corrected) are judged on the same footing as the final data,
     and the scores of the four checkpoints are comparable (the report shows what each
-    stage improved or broke).
+    stage improved or broke). ``dropped``: angles removed before this checkpoint (records
+    of :func:`drop_masked_angles`), charged as wholly masked. ``angle_ids``: the index
+    each angle of ``data`` is named by in the issues (default 0, 1, ...).
     """
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"unknown checkpoint {checkpoint!r}; expected one of {CHECKPOINTS}")
@@ -376,14 +448,15 @@ def assess(data: XpcsData, checkpoint: str, settings: QcSettings | None = None) 
     c2 = np.asarray(data.c2_exp, dtype=float)
     phis = np.asarray(data.phi_angles_list, dtype=float)
     n_phi, n_t = data.n_phi, data.n_t
+    ids = list(range(n_phi)) if angle_ids is None else [int(a) for a in angle_ids]
     issues: list[Issue] = []
     deductions: dict[str, float] = {}
     bad: dict[str, list[int]] = {}  # per-angle check -> angles it flagged
 
     def flag(code: str, severity: str, a: int, message: str, value: float | None) -> None:
         value = None if value is None else _finite_or_none(value)
-        where = f"angle {a} (phi={phis[a]:g} deg)"
-        issues.append(Issue(code, severity, f"{where}: {message}", a, float(phis[a]), value))
+        where = f"angle {ids[a]} (phi={phis[a]:g} deg)"
+        issues.append(Issue(code, severity, f"{where}: {message}", ids[a], float(phis[a]), value))
         bad.setdefault(code.removesuffix("_high").removesuffix("_low"), []).append(a)
 
     if n_t < s.min_time_points:
@@ -391,26 +464,72 @@ def assess(data: XpcsData, checkpoint: str, settings: QcSettings | None = None) 
         issues.append(Issue("too_few_times", "error", message, value=float(n_t)))
         deductions["too_few_times"] = DEDUCTIONS["too_few_times"]
 
-    # Element counts: NaN/Inf and negative values, per angle.
-    n_nonfinite = n_negative = 0
+    # Element counts: Inf and negative values, per angle.
+    n_inf = n_negative = 0
     for a in range(n_phi):
-        nan, inf = int(np.isnan(c2[a]).sum()), int(np.isinf(c2[a]).sum())
-        if nan or inf:
-            n_nonfinite += nan + inf
-            flag("non_finite", "error", a, f"{nan} NaN and {inf} Inf elements", nan + inf)
+        pos, neg_inf = int(np.isposinf(c2[a]).sum()), int(np.isneginf(c2[a]).sum())
+        if pos or neg_inf:
+            n_inf += pos + neg_inf
+            flag("infinite", "error", a, f"{pos} +Inf and {neg_inf} -Inf elements", pos + neg_inf)
         finite = c2[a][np.isfinite(c2[a])]
-        neg = int((finite < 0).sum())  # -Inf is counted as non-finite, not here
+        neg = int((finite < 0).sum())  # -Inf is counted as infinite, not here
         if neg:
             n_negative += neg
             lowest = float(finite.min())
             flag("negative", "error", a, f"{neg} negative elements (lowest {lowest:.4g})", lowest)
     total = max(c2.size, 1)
-    if n_nonfinite:
-        deductions["non_finite"] = min(DEDUCTIONS["non_finite"], 10 + 200 * n_nonfinite / total)
+    if n_inf:
+        deductions["infinite"] = min(DEDUCTIONS["infinite"], 10 + 200 * n_inf / total)
     if n_negative:
         deductions["negative"] = min(DEDUCTIONS["negative"], 10 + 100 * n_negative / total)
-    bad.pop("non_finite", None)  # element checks are charged by fraction, not by angle
-    bad.pop("negative", None)
+
+    # Masked pairs: what the fit will not use, charged by the fraction of all pairs.
+    masked = masked_counts(c2)
+    n_pairs = _n_pairs(n_t)
+    for a in np.flatnonzero(masked):
+        frac = masked[a] / n_pairs
+        above = (
+            f" (above max_masked_fraction {s.max_masked_fraction:g}: dropped from the final data)"
+            if frac > s.max_masked_fraction or masked[a] == n_pairs
+            else ""
+        )
+        flag("masked", "warning", int(a),
+             f"{masked[a]} of {n_pairs} off-diagonal pairs masked ({100 * frac:.1f} %; "
+             f"not fitted){above}", frac)  # fmt: skip
+    for d in dropped:
+        issues.append(
+            Issue(
+                "masked",
+                "warning",
+                f"angle {d['angle_index']} (phi={d['phi']:g} deg): dropped from the final "
+                f"data: {d['reason']}",
+                int(d["angle_index"]),
+                float(d["phi"]),
+                _finite_or_none(float(d["masked_fraction"])),
+            )
+        )
+    all_pairs = (n_phi + len(dropped)) * n_pairs
+    n_masked = int(masked.sum()) + len(dropped) * n_pairs
+    masked_fraction = n_masked / all_pairs if all_pairs else 0.0
+    if n_masked:
+        deductions["masked"] = DEDUCTIONS["masked"] * masked_fraction
+    summary = {
+        "count": n_masked,
+        "of": all_pairs,
+        "fraction": masked_fraction,
+        "per_angle": [
+            {
+                "angle_index": ids[a],
+                "phi": float(phis[a]),
+                "masked": int(masked[a]),
+                "fraction": float(masked[a] / n_pairs) if n_pairs else 0.0,
+            }
+            for a in range(n_phi)
+        ],
+        "dropped_angles": [int(d["angle_index"]) for d in dropped],
+    }
+    for code in ("infinite", "negative", "masked"):
+        bad.pop(code, None)  # element checks are charged by fraction, not by angle
 
     # Per-angle checks. A statistic that cannot be measured (NaN) fails its check, so an
     # angle with no usable values cannot pass by default (comparisons are written so).
@@ -463,8 +582,38 @@ def assess(data: XpcsData, checkpoint: str, settings: QcSettings | None = None) 
 
     for code, angles in bad.items():
         deductions[code] = DEDUCTIONS[code] * len(set(angles)) / n_phi
+
+    # Dataset-level verdicts: no angle decays, or no angle is left.
+    if n_phi and len(set(bad.get("no_decay", []))) == n_phi:
+        issues.append(
+            Issue(
+                "no_correlation_decay",
+                "error",
+                f"no correlation decay at any of the {n_phi} angles: c2 does not fall from "
+                "the first lag to the long-lag baseline by more than the noise anywhere, so "
+                "there is nothing to fit",
+            )
+        )
+        deductions["no_correlation_decay"] = DEDUCTIONS["no_correlation_decay"]
+    if not n_phi and dropped:
+        issues.append(
+            Issue(
+                "all_angles_masked",
+                "error",
+                f"no angle left: all {len(dropped)} angles were dropped for masked elements "
+                f"(max_masked_fraction {s.max_masked_fraction:g}); nothing to fit",
+            )
+        )
+        deductions["all_angles_masked"] = DEDUCTIONS["all_angles_masked"]
+
     score = round(max(0.0, 100.0 - sum(deductions.values())), 1)
-    issues.sort(key=lambda i: (_SEVERITY_ORDER.get(i.severity, 9), i.angle_index or 0))
+    # Errors first; within a severity, dataset-level issues before the per-angle ones.
+    issues.sort(
+        key=lambda i: (
+            _SEVERITY_ORDER.get(i.severity, 9),
+            -1 if i.angle_index is None else i.angle_index,
+        )
+    )
     recommendations = list(dict.fromkeys(RECOMMENDATIONS[i.code] for i in issues))
     return CheckpointReport(
         checkpoint,
@@ -473,6 +622,7 @@ def assess(data: XpcsData, checkpoint: str, settings: QcSettings | None = None) 
         tuple(issues),
         tuple(recommendations),
         {k: round(v, 2) for k, v in deductions.items()},
+        summary,
     )
 
 
@@ -493,27 +643,28 @@ def _asymmetry(c: np.ndarray) -> float:
 
 
 def repair(data: XpcsData, settings: QcSettings | None = None) -> tuple[XpcsData, list[dict]]:
-    """Repair what can be repaired safely; return the new data and one record per repair.
+    """Repair what can be repaired without inventing data; return the new data and one
+    record per repair.
 
     Order matters: Inf first (so a later average never sees Inf − Inf), then NaN, then
-    symmetry (both partners now finite), then scale (so the negative check sees the final
-    units), then negatives. Each record has what, angle_index, phi, count, method, before,
-    after. Every repair writes c2[i, j] and c2[j, i] together, so symmetry is kept.
+    symmetry (finite pairs), then scale (so the negative check sees the final units),
+    then negatives. Each record has what, angle_index, phi, count, method, before, after.
+    Every repair writes c2[i, j] and c2[j, i] together, so symmetry is kept.
 
-    - ``inf``: +Inf → the finite max of that angle's matrix, −Inf → its finite min (a value
-      that exists in the data, not an invented one).
-    - ``nan``: copy the symmetric partner when it is finite; else interpolate linearly
-      along the element's lag band (same t1 − t2, where c2 varies slowly), holding the end
-      values flat; a band without finite values takes the median of the matrix.
-    - ``asymmetric``: (c2 + c2ᵀ) / 2.
+    - ``inf``: ±Inf → NaN (masked). Inf is no measurement; capping it at the matrix's
+      max/min put an invented value into the fit at full weight.
+    - ``nan``: a NaN whose symmetric partner is finite takes the partner's value (c2 is
+      symmetric by construction: a measured value, copied); every other NaN stays NaN
+      (masked, weight 0 in the fit). Nothing is interpolated.
+    - ``asymmetric``: (c2 + c2ᵀ) / 2 (NaN stay NaN; their pattern is symmetric by now).
     - ``scale``: an angle whose baseline is ~100 (|b/100 − 1| ≤ baseline_tolerance while
       |b − 1| is not) is in percent and is divided by 100. Other scale errors (counts,
       g2 − 1) are ambiguous and left to the user (reported, not guessed).
-    - ``negative``: replaced by the median of the non-negative values of the same lag band
-      (0 if there are none). Clipping to 0 would put a value 1 below a ~1 baseline, itself
-      an outlier; the band median is the expected value at that lag.
-    An angle with no finite value at all cannot be repaired; that is recorded and stays
-    visible in the final checkpoint.
+    - ``negative``: → NaN (masked), with the partner. Intensity correlations cannot be
+      negative, so the value is no usable measurement; replacing it by a band median
+      invented one.
+
+    An angle with no finite value is left as it is (all masked; :func:`run_qc` drops it).
     """
     s = settings or QcSettings()
     c2 = np.array(data.c2_exp, dtype=float, copy=True)
@@ -535,53 +686,41 @@ def repair(data: XpcsData, settings: QcSettings | None = None) -> tuple[XpcsData
 
     for a in range(data.n_phi):
         c = c2[a]
-        finite = np.isfinite(c)
-        if not finite.any():
-            record(
-                "unrepairable",
-                a,
-                c.size,
-                "none: no finite value to repair from",
-                {"non_finite": int(c.size)},
-                {"non_finite": int(c.size)},
-            )
-            continue
-        # Inf → cap.
+        if not np.isfinite(c).any():
+            continue  # nothing measured: nothing to repair (dropped later, and recorded)
+        # Inf → NaN.
         pos, neg = np.isposinf(c), np.isneginf(c)
         if pos.any() or neg.any():
-            hi, lo = float(c[finite].max()), float(c[finite].min())
-            c[pos], c[neg] = hi, lo
+            n_inf = int(pos.sum() + neg.sum())
+            c[pos | neg] = np.nan
             record(
                 "inf",
                 a,
-                pos.sum() + neg.sum(),
-                "capped to the finite max/min of the matrix",
+                n_inf,
+                "masked: set to NaN (no measurement; not fitted)",
                 {"pos_inf": int(pos.sum()), "neg_inf": int(neg.sum())},
-                {"cap_high": hi, "cap_low": lo, "inf": 0},
+                {"inf": 0, "masked": n_inf},
             )
-        # NaN → symmetric partner, then band interpolation.
+        # NaN → the finite symmetric partner, else stays masked.
         nan = np.isnan(c)
         if nan.any():
             n_nan = int(nan.sum())
-            from_partner = nan & ~np.isnan(c.T)
+            from_partner = nan & ~nan.T
             c[from_partner] = c.T[from_partner]
-            n_interp = _fill_bands(c)
+            left = int(np.isnan(c).sum())
             record(
                 "nan",
                 a,
                 n_nan,
-                "copied from the symmetric element, else interpolated along the lag band",
+                "copied from the symmetric element where that is finite; the rest stay "
+                "masked (NaN, not fitted; nothing interpolated)",
                 {"nan": n_nan},
-                {
-                    "nan": int(np.isnan(c).sum()),
-                    "from_symmetric": int(from_partner.sum()),
-                    "interpolated": n_interp,
-                },
+                {"nan": left, "from_symmetric": int(from_partner.sum()), "masked": left},
             )
         # Asymmetry → average with the transpose.
         rel = _asymmetry(c)
         if rel > s.symmetry_tolerance:
-            n_asym = int((c != c.T).sum())
+            n_asym = int(np.count_nonzero(np.isfinite(c) & (c != c.T)))
             c[:] = 0.5 * (c + c.T)
             record(
                 "asymmetric",
@@ -607,55 +746,72 @@ def repair(data: XpcsData, settings: QcSettings | None = None) -> tuple[XpcsData
                 {"baseline": b},
                 {"baseline": angle_stats(c).baseline},
             )
-        # Negative → band median of the non-negative values.
-        negative = c < 0
+        # Negative → NaN, with the partner (a negative c2[i, j] makes c2[j, i] suspect).
+        with np.errstate(invalid="ignore"):
+            negative = c < 0
+        negative |= negative.T
         if negative.any():
-            lowest = float(c[negative].min())
-            _replace_negative(c)
+            lowest = float(np.nanmin(c[negative]))
+            n_neg = int(negative.sum())
+            c[negative] = np.nan
             record(
                 "negative",
                 a,
-                negative.sum(),
-                "replaced by the median of the non-negative values of the same lag band",
+                n_neg,
+                "masked: set to NaN with the symmetric element (not fitted)",
                 {"min": lowest},
-                {"min": float(c.min())},
+                {"negative": 0, "masked": n_neg},
             )
     return data.replace(c2_exp=c2), records
 
 
-def _fill_bands(c: np.ndarray) -> int:
-    """Fill NaNs of a matrix whose NaNs are symmetric, band by band; return count filled."""
-    n = c.shape[0]
-    fallback = float(np.median(c[np.isfinite(c)]))
-    filled = 0
-    for k in range(n):
-        idx = np.arange(n - k)
-        band = c[idx, idx + k]
-        bad = np.isnan(band)
-        if not bad.any():
-            continue
-        good = ~bad
-        band[bad] = np.interp(idx[bad], idx[good], band[good]) if good.any() else fallback
-        c[idx, idx + k] = band
-        c[idx + k, idx] = band  # mirror: the lower band is the transpose of the upper one
-        filled += int(bad.sum()) * (1 if k == 0 else 2)
-    return filled
+def drop_masked_angles(
+    data: XpcsData, settings: QcSettings | None = None
+) -> tuple[XpcsData, list[dict[str, Any]], list[int]]:
+    """Remove the angles with too many masked pairs; return the kept data, one record
+    per dropped angle and the indices (in ``data``) of the kept angles.
 
-
-def _replace_negative(c: np.ndarray) -> None:
-    n = c.shape[0]
-    for k in range(n):
-        idx = np.arange(n - k)
-        upper, lower = c[idx, idx + k], c[idx + k, idx]
-        bad = (upper < 0) | (lower < 0)
-        if not bad.any():
+    An angle is dropped when its masked fraction exceeds ``max_masked_fraction`` or when
+    it has no usable off-diagonal pair at all (nothing to fit there, whatever the
+    setting).
+    """
+    s = settings or QcSettings()
+    n_pairs = _n_pairs(data.n_t)
+    masked = masked_counts(np.asarray(data.c2_exp, dtype=float))
+    kept: list[int] = []
+    dropped: list[dict[str, Any]] = []
+    for a, m in enumerate(masked):
+        frac = float(m / n_pairs) if n_pairs else 0.0
+        if n_pairs and m == n_pairs:
+            reason = "no finite off-diagonal element: nothing was measured at this angle"
+        elif frac > s.max_masked_fraction:
+            reason = (
+                f"{100 * frac:.1f} % of its off-diagonal pairs are masked (NaN), above "
+                f"qc.max_masked_fraction = {s.max_masked_fraction:g}"
+            )
+        else:
+            kept.append(a)
             continue
-        ok = np.concatenate([upper[~bad], lower[~bad]])
-        value = float(np.median(ok)) if ok.size else 0.0
-        upper[bad] = value
-        lower[bad] = value
-        c[idx, idx + k] = upper
-        c[idx + k, idx] = lower
+        dropped.append(
+            {
+                "angle_index": a,
+                "phi": float(data.phi_angles_list[a]),
+                "q": float(data.wavevector_q_list[a]),
+                "masked": int(m),
+                "of": n_pairs,
+                "masked_fraction": frac,
+                "reason": reason,
+            }
+        )
+    if not dropped:
+        return data, [], kept
+    idx = np.array(kept, dtype=np.int64)
+    out = data.replace(
+        wavevector_q_list=np.asarray(data.wavevector_q_list)[idx],
+        phi_angles_list=np.asarray(data.phi_angles_list)[idx],
+        c2_exp=np.asarray(data.c2_exp)[idx],
+    )
+    return out, dropped, kept
 
 
 # --------------------------------------------------------------------------- stage
@@ -667,9 +823,11 @@ def run_qc(
     preprocessed: XpcsData,
     settings: QcSettings | None = None,
 ) -> tuple[dict[str, Any], XpcsData]:
-    """Assess the three inputs, repair the preprocessed data, assess it as ``final``.
+    """Assess the three inputs, repair the preprocessed data, drop the angles with too
+    many masked pairs, and assess the rest as ``final``.
 
-    Returns (report, final data). The overall score is the final checkpoint's.
+    Returns (report, final data). The overall score is the final checkpoint's. The final
+    data keep NaN at every masked element; with every angle dropped they hold no angle.
     """
     s = settings or QcSettings()
     reports = {
@@ -677,8 +835,9 @@ def run_qc(
         "filtered": assess(filtered, "filtered", s),
         "preprocessed": assess(preprocessed, "preprocessed", s),
     }
-    final, repairs = repair(preprocessed, s) if s.auto_repair else (preprocessed, [])
-    reports["final"] = assess(final, "final", s)
+    repaired, repairs = repair(preprocessed, s) if s.auto_repair else (preprocessed, [])
+    final, dropped, kept = drop_masked_angles(repaired, s)
+    reports["final"] = assess(final, "final", s, dropped=dropped, angle_ids=kept)
     score = reports["final"].score
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -686,6 +845,7 @@ def run_qc(
         "settings": s.to_mapping(),
         "checkpoints": {name: r.to_mapping() for name, r in reports.items()},
         "repairs": repairs,
+        "dropped_angles": dropped,
         "overall": {
             "score": score,
             "label": reports["final"].label,
@@ -713,7 +873,8 @@ def qc_stage(
 
     A final score below ``pass`` with ``on_fail: error`` raises QualityError and writes
     only ``<out_json stem>.failed.json``, so the workflow sees no outputs (and stale ones
-    from an earlier run are removed, so a rerun cannot pick them up).
+    from an earlier run are removed, so a rerun cannot pick them up). With every angle
+    dropped for masked elements it does so whatever ``on_fail`` says.
     """
     s = settings if isinstance(settings, QcSettings) else QcSettings.from_mapping(settings)
     report, final = run_qc(
@@ -724,6 +885,18 @@ def qc_stage(
     )
     failed = failed_report_path(out_json)
     overall = report["overall"]
+    if final.n_phi == 0:
+        # on_fail: warn cannot help: there is no angle left to write for the fit.
+        Path(out_json).unlink(missing_ok=True)
+        Path(out_npz).unlink(missing_ok=True)
+        write_json(failed, report)
+        raise QualityError(
+            f"quality control failed: no angle left. Every angle has more than "
+            f"qc.max_masked_fraction = {s.max_masked_fraction:g} of its off-diagonal pairs "
+            f"masked (NaN) and was dropped ({len(report['dropped_angles'])} angles; reasons "
+            f"in {failed}). Check the frame range and the correlator output, or raise "
+            "qc.max_masked_fraction."
+        )
     if not overall["passed"] and s.on_fail == "error":
         Path(out_json).unlink(missing_ok=True)
         Path(out_npz).unlink(missing_ok=True)

@@ -84,9 +84,22 @@ def quantile_estimates(
     offset = np.empty(n_phi)
     for k in range(n_phi):
         values = c2[k][iu]
-        offset[k] = np.clip(np.nanquantile(values[far], 0.1), o_lo, o_hi)
-        contrast[k] = np.clip(np.nanquantile(values[near], 0.9) - offset[k], c_lo, c_hi)
+        # Masked (NaN) lags: fall back to all of the angle's finite values, then to the
+        # registry default, so a start value is never NaN.
+        base = _finite_quantile(values[far], values, 0.1, registry["offset"].default)
+        offset[k] = np.clip(base, o_lo, o_hi)
+        top = _finite_quantile(values[near], values, 0.9, base + registry["contrast"].default)
+        contrast[k] = np.clip(top - offset[k], c_lo, c_hi)
     return contrast, offset
+
+
+def _finite_quantile(values: np.ndarray, wider: np.ndarray, q: float, default: float) -> float:
+    """Quantile ``q`` of the finite ``values``, else of the finite ``wider``, else default."""
+    for v in (values, wider):
+        finite = v[np.isfinite(v)]
+        if finite.size:
+            return float(np.quantile(finite, q))
+    return float(default)
 
 
 def build_map(

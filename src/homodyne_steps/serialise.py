@@ -9,9 +9,11 @@ that load with ``allow_pickle=False``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
+import socket
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -27,17 +29,58 @@ class SerialisationError(HomodyneStepsError, ValueError):
     """A value cannot be written (or a file read back) in our formats."""
 
 
+_HOST = "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname()) or "host"
+
+
+def _temp_prefix(final: Path, pid: int) -> str:
+    return f".{final.stem}.{_HOST}.{pid}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary siblings of ``path`` left by killed writers on this host.
+
+    A writer killed with SIGKILL (or by a cluster's time limit) cannot run its cleanup, so
+    its ``.<stem>.<host>.<pid>.<random>.tmp<suffix>`` stays. A temp is stale when it was
+    made on this host by a process that no longer runs; temps of live processes and of
+    other hosts (a shared file system) are left alone. Returns the removed paths.
+    """
+    final = Path(path)
+    prefix = f".{final.stem}.{_HOST}."
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for tmp in final.parent.glob(f".{glob.escape(final.stem)}.*.tmp{glob.escape(final.suffix)}"):
+        rest = tmp.name[len(prefix) :] if tmp.name.startswith(prefix) else ""
+        pid_text = rest.split(".", 1)[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success.
 
     The temporary name keeps the final suffix (h5py/numpy pick formats by suffix) and
-    lives in the same directory so the rename is atomic. On error it is removed.
+    lives in the same directory so the rename is atomic. On error it is removed; temps
+    that killed writers left beside ``path`` are removed first (:func:`remove_stale_temps`).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent
+        prefix=_temp_prefix(final, os.getpid()), suffix=f".tmp{final.suffix}", dir=final.parent
     )
     os.close(fd)
     tmp = Path(tmp_name)

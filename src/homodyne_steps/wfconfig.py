@@ -13,83 +13,37 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from homodyne_steps import __version__
+from homodyne_steps.codegraph import PACKAGE_DIR, stage_modules
 from homodyne_steps.errors import ConfigError
 
-# Stage -> package modules whose code determines the stage's output.
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "simulate": ("simulate", "aps_writer", "model", "registry", "serialise"),
-    "load": ("load", "dataset", "serialise"),
-    "filter": ("filter", "dataset", "settings", "serialise"),
-    "preprocess": ("preprocess", "dataset", "settings", "serialise"),
-    "qc": ("qc", "dataset", "settings", "serialise"),
-    "nlsq": (
-        "nlsq_stage",
-        "nlsq",
-        "model",
-        "noise",
-        "scaling",
-        "stratify",
-        "registry",
-        "dataset",
-        "settings",
-        "serialise",
-        "_jax",
-    ),
-    "cmc_plan": (
-        "cmc_plan",
-        "coordinates",
-        "stratify",
-        "scaling",
-        "registry",
-        "dataset",
-        "settings",
-        "serialise",
-    ),
-    "cmc_shard": (
-        "cmc_shard",
-        "cmc_space",
-        "coordinates",
-        "nlsq",
-        "noise",
-        "model",
-        "scaling",
-        "registry",
-        "dataset",
-        "settings",
-        "serialise",
-        "_jax",
-    ),
-    "cmc_combine": (
-        "cmc_combine",
-        "cmc_space",
-        "coordinates",
-        "cmc_fitted",
-        "nlsq_stage",
-        "nlsq",
-        "model",
-        "registry",
-        "dataset",
-        "settings",
-        "serialise",
-        "_jax",
-    ),
-    "plot_data": ("plot_data", "plot_common", "dataset", "settings", "serialise"),
-    "plot_qc": ("plot_qc", "plot_common", "qc", "settings", "serialise"),
-    "plot_nlsq": ("plot_nlsq", "plot_common", "registry", "settings", "serialise"),
-    "plot_cmc": ("plot_cmc", "plot_common", "registry", "settings", "serialise"),
-    "write": ("write", "registry", "serialise"),
-}
+# The stages that run as `homodyne-steps <stage>`; each one's code is its import closure.
+STAGES = (
+    "simulate",
+    "load",
+    "filter",
+    "preprocess",
+    "qc",
+    "nlsq",
+    "cmc_plan",
+    "cmc_shard",
+    "cmc_combine",
+    "plot_data",
+    "plot_qc",
+    "plot_nlsq",
+    "plot_cmc",
+    "write",
+)
 PLOT_STAGES = ("plot_data", "plot_qc", "plot_nlsq", "plot_cmc")
 # Global sections a dataset may override key by key (deep merge).
 OVERRIDABLE = ("filter", "preprocess", "qc", "nlsq", "cmc")
-LOAD_KEYS = ("q", "dt", "frames", "q_tolerance", "storage")
+LOAD_KEYS = ("q", "dt", "frames", "q_tolerance", "storage", "missing_frame_factors", "time_origin")
 
 
 def _path(parts) -> str:
@@ -99,8 +53,137 @@ def _path(parts) -> str:
     return out or "(top level)"
 
 
+def stop_on_config_error(check: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run a config check at workflow parse time; on ConfigError print its message and
+    exit with status 1, so the user reads one clear message, not a Snakemake traceback."""
+    try:
+        check(*args, **kwargs)
+    except ConfigError as exc:
+        print(f"homodyne-steps: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def check_config_file(path: str | Path, *, missing_ok: bool = False) -> None:
+    """Raise ConfigError naming the file, line and column of a YAML syntax error.
+
+    Snakemake's own loader says only that the file "is not valid JSON or YAML"; the
+    Snakefile calls this before its ``configfile:`` directive. ``missing_ok``: a missing
+    file is left to Snakemake (a run may give its config with ``--configfile``).
+    """
+    import yaml
+
+    p = Path(path)
+    if missing_ok and not p.exists():
+        return
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
+        what = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        raise ConfigError(f"{p}: YAML syntax error at {where}: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(
+            f"{p}: the configuration must be a mapping of sections (datasets:, filter:, ...), "
+            f"got {type(loaded).__name__}"
+        )
+
+
+def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/"):
+        node: Any = root
+        for part in ref[2:].split("/"):
+            node = node[part]
+        return _resolve(node, root)
+    return schema
+
+
+_TYPE_WORDS = {
+    "number": "a number",
+    "integer": "an integer",
+    "string": "a string",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+}
+
+
+def _describe(schema: Mapping[str, Any], root: Mapping[str, Any]) -> str:
+    """Plain words for what a (sub)schema accepts, e.g. "a number > 0"."""
+    schema = _resolve(schema, root)
+    if "x-expected" in schema:
+        return str(schema["x-expected"])
+    if "const" in schema:
+        return repr(schema["const"])
+    if "enum" in schema:
+        return f"one of {schema['enum']}"
+    for key in ("oneOf", "anyOf"):
+        if key in schema:
+            return ", or ".join(_describe(s, root) for s in schema[key])
+    kind = schema.get("type")
+    words = _TYPE_WORDS.get(kind, "a value") if isinstance(kind, str) else "a value"
+    bounds = [
+        f"{op} {schema[k]}"
+        for k, op in (("exclusiveMinimum", ">"), ("minimum", ">="), ("maximum", "<="))
+        if k in schema
+    ]
+    if (
+        kind == "array"
+        and "minItems" in schema
+        and schema.get("minItems") == schema.get("maxItems")
+    ):
+        words = f"a list of {schema['minItems']} " + (
+            "numbers"
+            if _resolve(schema.get("items", {}), root).get("type") == "number"
+            else "items"
+        )
+    return " ".join([words, *bounds]) if bounds else words
+
+
+def _string_trap(value: Any) -> str:
+    """A hint when a value is a quoted number or boolean in the YAML (a string)."""
+    if not isinstance(value, str):
+        return ""
+    text = value.strip()
+    try:
+        float(text)
+    except ValueError:
+        if text.lower() not in ("true", "false", "null", "~"):
+            return ""
+    return (
+        f" (the value is the string {value!r}: it is quoted in the YAML; "
+        f"write it without quotes: {text})"
+    )
+
+
+def _message(err: Any, root: Mapping[str, Any]) -> str:
+    """One line for one schema violation: the key path, the value and what was expected."""
+    where, value = _path(err.absolute_path), err.instance
+    if err.validator in ("oneOf", "anyOf", "type", "exclusiveMinimum", "minimum", "maximum"):
+        return f"{where}: got {value!r}; expected {_describe(err.schema, root)}" + _string_trap(
+            value
+        )
+    if err.validator == "enum":
+        return f"{where}: got {value!r}; expected one of {err.validator_value}"
+    if err.validator == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        return f"{_path([*err.absolute_path, missing])}: required key is missing"
+    return f"{where}: {err.message}" + _string_trap(value)
+
+
 def validate_config(config: Mapping[str, Any], schema_path: str | Path) -> None:
-    """Check ``config`` against the JSON schema; raise ConfigError naming each bad key."""
+    """Check ``config`` against the JSON schema; raise ConfigError naming each bad key,
+    the value found and what is expected."""
     import jsonschema  # a Snakemake dependency; imported here to keep module import light
     import yaml
 
@@ -108,7 +191,6 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path) -> None:
     validator = jsonschema.Draft202012Validator(schema)
     problems = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
-        where = _path(err.absolute_path)
         if err.validator == "additionalProperties":
             extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
             allowed = sorted(err.schema.get("properties", {}))
@@ -118,7 +200,7 @@ def validate_config(config: Mapping[str, Any], schema_path: str | Path) -> None:
                     + (f"; expected one of {allowed}" if allowed else "")
                 )
         else:
-            problems.append(f"{where}: {err.message}")
+            problems.append(_message(err, schema))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -138,10 +220,17 @@ def dataset_names(config: Mapping[str, Any]) -> list[str]:
 
 
 def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str, Any]:
-    """The settings one stage of one dataset sees (and nothing else)."""
-    entry = config["datasets"][dataset]
+    """The settings one stage of one dataset sees (and nothing else).
+
+    For ``simulate``, ``dataset`` names a ``simulate:`` entry, which need not be a dataset:
+    several datasets may analyse one simulated file.
+    """
     if stage == "simulate":
-        return dict(config.get("simulate", {}).get(dataset, {}))
+        simulated = config.get("simulate") or {}
+        if dataset not in simulated:
+            raise ConfigError(f"simulate.{dataset}: no such entry; have {sorted(simulated)}")
+        return dict(simulated[dataset] or {})
+    entry = config["datasets"][dataset]
     if stage == "load":
         return {k: entry[k] for k in LOAD_KEYS if k in entry}
     if stage in PLOT_STAGES:  # the same for every dataset: one look across datasets
@@ -188,11 +277,12 @@ def stage_settings(config: Mapping[str, Any], stage: str, dataset: str) -> str:
 
 
 def code_fingerprint(stage: str) -> str:
-    """Package version + hash of the modules a stage runs (no import: finds the files)."""
+    """Package version + hash of the modules a stage runs (its import closure, read from
+    the source without importing it: :mod:`homodyne_steps.codegraph`)."""
+    if stage not in STAGES:
+        raise ConfigError(f"no stage {stage!r}; stages are {list(STAGES)}")
     digest = hashlib.sha256()
-    for name in STAGE_MODULES[stage]:
-        spec = importlib.util.find_spec(f"homodyne_steps.{name}")
-        if spec is None or spec.origin is None:
-            raise ConfigError(f"stage {stage!r}: module homodyne_steps.{name} not found")
-        digest.update(Path(spec.origin).read_bytes())
+    for name in stage_modules(stage):
+        digest.update(name.encode() + b"\0")
+        digest.update((PACKAGE_DIR / f"{name}.py").read_bytes())
     return f"{__version__}+{digest.hexdigest()[:12]}"

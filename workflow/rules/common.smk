@@ -8,12 +8,15 @@ from homodyne_steps.wfconfig import (
     dataset_names,
     stage_settings,
     stage_slice,
+    stop_on_config_error,
     validate_config,
 )
 
 # Our validator names every bad key by its full path; Snakemake's then records the
 # schema for the report.
-validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+stop_on_config_error(
+    validate_config, config, workflow.source_path("../schemas/config.schema.yaml")
+)
 validate(config, "../schemas/config.schema.yaml", set_default=False)
 
 DATASETS = dataset_names(config)
