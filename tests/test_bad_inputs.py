@@ -416,6 +416,12 @@ H5_OK = {
     "ring-float-spread": (
         lambda p: _legacy(p, [0.005, 0.0050005, 0.0049995], PHI3, _three()), {},
         lambda rec, arr: rec["phi_deg"] == PHI3 and rec["q"]["grouping"] == "q_tolerance"),
+    "legacy-q-edges": (
+        lambda p: _legacy(p, [0.005, 0.005005, 0.00525, 0.005255], [0.0, 45.0] * 2,
+                          {f"g2_{k:05d}": np.triu(_sym6(k)) for k in range(1, 5)},
+                          edit=lambda h5: h5.create_dataset(
+                              "xpcs/dqspan", data=[[0.004875, 0.005125, 0.005375]])), {},
+        lambda rec, arr: rec["bin_labels"] == [1, 2] and rec["q"]["grouping"] == "dqspan"),
     "nan-q-bin-recorded": (
         lambda p: _legacy(p, [0.005, np.nan, 0.005], PHI3, _three()), {},
         lambda rec, arr: rec["phi_deg"] == [0.0, 90.0]
@@ -565,3 +571,85 @@ def test_a_killed_workflow_resumes_after_unlock(tmp_path):
     assert fit[0] == fit[1]
     leftovers = [p for p in (killed / "results").rglob(".*.tmp.*")]
     assert leftovers == []
+
+
+# ------------------------------------------------------- data that must not be fitted
+
+
+def _decay_arrays(n_phi=3, n_t=40, seed=0, flat=False):
+    """c2 = 1 + 0.3 exp(-lag / 0.5 s) + N(0, 0.01²), made here, not by our simulator."""
+    rng = np.random.default_rng(seed)
+    t = 0.1 * np.arange(n_t)
+    lag = np.abs(np.subtract.outer(t, t))
+    signal = 1.0 + (0.0 if flat else 0.3) * np.exp(-lag / 0.5)
+    noise = np.triu(rng.normal(0.0, 0.01, (n_phi, n_t, n_t)), 1)
+    c2 = signal[None] + noise + np.swapaxes(noise, 1, 2)
+    return {**_good_arrays(n_phi, n_t), "c2_exp": c2, "t1": t, "t2": t.copy()}
+
+
+def _qc(capsys, folder: Path, arrays: dict, settings=None):
+    folder.mkdir(exist_ok=True)
+    src = _npz(folder / "pre.npz", **arrays)
+    outs = [folder / "qc.json", folder / "qc.npz"]
+    argv = ["qc", "--raw", str(src), "--filtered", str(src), "--preprocessed", str(src),
+            "--out-json", str(outs[0]), "--out-npz", str(outs[1]),
+            "--settings", json.dumps(settings or {})]  # fmt: skip
+    return (*run(capsys, *argv), outs)
+
+
+def test_constant_c2_fails_qc_with_no_correlation_decay(tmp_path, capsys):
+    code, err, outs = _qc(capsys, tmp_path, _decay_arrays(flat=True))
+    assert_clean_failure(code, err, outs, "no correlation decay")
+
+
+def test_every_angle_masked_fails_qc_even_when_told_to_warn(tmp_path, capsys):
+    arrays = _decay_arrays()
+    arrays["c2_exp"] = np.full_like(arrays["c2_exp"], np.nan)
+    code, err, outs = _qc(capsys, tmp_path, arrays, {"on_fail": "warn"})
+    assert_clean_failure(code, err, outs, "quality control failed")
+
+
+def test_a_hole_stays_a_hole_in_what_is_fitted(tmp_path, capsys):
+    arrays = _decay_arrays()
+    arrays["c2_exp"][:, 10:20, :] = np.nan
+    arrays["c2_exp"][:, :, 10:20] = np.nan
+    code, err, outs = _qc(capsys, tmp_path, arrays)
+    assert code == 0, err
+    with np.load(outs[1]) as npz:
+        final = npz["c2_exp"]
+    iu = np.triu_indices(40, 1)
+    hole = np.zeros((40, 40), bool)
+    hole[10:20, :] = hole[:, 10:20] = True
+    assert all(np.array_equal(~np.isfinite(m[iu]), hole[iu]) for m in final)
+    report = json.loads(outs[0].read_text())
+    assert report["overall"]["score"] < 100
+
+
+def test_qc_masked_fraction_setting_out_of_range(tmp_path, capsys):
+    code, err, outs = _qc(capsys, tmp_path, _decay_arrays(), {"max_masked_fraction": 1.5})
+    assert_clean_failure(code, err, outs, "max_masked_fraction", "1.5")
+
+
+def test_smoothing_never_reaches_the_fitted_data(tmp_path, capsys):
+    source = _npz(tmp_path / "in.npz", **_decay_arrays())
+    smooth = {"noise_reduction": {"enabled": True, "method": "gaussian", "size": 2}}
+    code, err, outs = _stage(capsys, "preprocess", source, tmp_path / "out", smooth)
+    assert code == 0, err
+    with np.load(outs[0]) as npz:
+        fitted, shown = npz["c2_exp"], npz["c2_smoothed"]
+    with np.load(source) as npz:
+        raw = npz["c2_exp"]
+    off = ~np.eye(40, dtype=bool)
+    assert np.array_equal(fitted[:, off], raw[:, off]) and not np.allclose(shown, fitted)
+    steps = json.loads(outs[1].read_text())["records"]
+    assert any(r["step"] == "noise_reduction" and r.get("display_only") for r in steps)
+
+
+def test_normalisation_without_a_finite_baseline_names_the_angle(tmp_path, capsys):
+    arrays = _decay_arrays()
+    lag = np.abs(np.subtract.outer(np.arange(40), np.arange(40)))
+    arrays["c2_exp"][1][lag >= 25] = np.nan
+    source = _npz(tmp_path / "in.npz", **arrays)
+    settings = {"normalization": {"enabled": True, "method": "baseline"}}
+    code, err, outs = _stage(capsys, "preprocess", source, tmp_path / "out", settings)
+    assert_clean_failure(code, err, outs, "angle index 1", "baseline")

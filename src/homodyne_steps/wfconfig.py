@@ -4,9 +4,9 @@ Imported at workflow parse time, so it stays light (no JAX, no h5py).
 
 Rerun semantics: each rule receives only its own slice of the config (serialised as
 JSON with keys sorted recursively, because Snakemake compares ``params`` by ``repr``)
-plus a fingerprint of the code that stage runs (package version + hash of its modules),
-so editing one stage's settings or code reruns that stage and what is downstream of it,
-and nothing upstream.
+plus a fingerprint of the code that stage runs (package version + hash of the modules in
+its import closure, found by :mod:`homodyne_steps.codegraph`), so editing one stage's
+settings or code reruns that stage and what is downstream of it, and nothing upstream.
 """
 
 from __future__ import annotations
