@@ -28,7 +28,8 @@ from homodyne_steps.filter import FilterSettings, filter_stage
 from homodyne_steps.load import load_stage
 from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
 from homodyne_steps.noise import estimate_sigma_per_lag
-from homodyne_steps.preprocess import PreprocessSettings, preprocess_stage
+from homodyne_steps.preprocess import preprocess_stage
+from homodyne_steps.preprocess_settings import PreprocessSettings
 from homodyne_steps.qc import qc_stage
 from homodyne_steps.simulate import reference_settings, simulate_file
 

@@ -235,7 +235,7 @@ def test_temps_of_running_writers_are_left_alone(tmp_path):
         proc.stdout.close()
 
 
-_PIN = "from homodyne_steps.cli import pin_threads; pin_threads(1)"
+_PIN = "from homodyne_steps.cpu_pinning import pin_threads; pin_threads(1)"
 
 
 def _pin_in(tmpdir: Path) -> subprocess.CompletedProcess:

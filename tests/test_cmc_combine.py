@@ -15,22 +15,19 @@ import arviz as az
 import numpy as np
 import pytest
 
-from homodyne_steps.cmc_combine import (
-    OUTPUT_FILES,
-    CombineSettings,
-    ShardError,
-    combine_stage,
+from homodyne_steps.cmc_combine import OUTPUT_FILES, CombineSettings, combine_stage
+from homodyne_steps.cmc_diagnostics import quality_label
+from homodyne_steps.cmc_space import make_space
+from homodyne_steps.consensus import (
     consensus_mc,
     divergence_exclusion,
-    quality_label,
-    read_shards,
     robust_exclusion,
     simple_average,
 )
-from homodyne_steps.cmc_space import make_space
 from homodyne_steps.coordinates import from_rates, split_times, to_rates
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.registry import REGISTRY
+from homodyne_steps.shard_io import ShardError, read_shards
 
 STATIC_TRUTH = {"D0": 1.0e4, "alpha": -0.1, "D_offset": 10.0}
 STATIC_SD = {"D0": 150.0, "alpha": 0.02, "D_offset": 4.0}

@@ -9,10 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
+from homodyne_steps.aps_reader import read_aps
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import DataError
 from homodyne_steps.filter import FilterSettings, apply_filter
-from homodyne_steps.load import load_stage, read_aps
+from homodyne_steps.load import load_stage
 from homodyne_steps.simulate import reference_settings, simulate_bins, simulate_file
 
 N_FRAMES = 30

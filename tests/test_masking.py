@@ -18,10 +18,12 @@ import pytest
 from homodyne_steps.cmc_plan import ShardingSettings, cmc_plan_stage
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.filter import FilterSettings, apply_filter, filter_stage
-from homodyne_steps.nlsq import count_points
+from homodyne_steps.likelihood import count_points
 from homodyne_steps.noise import estimate_sigma_per_lag
-from homodyne_steps.preprocess import PreprocessSettings, preprocess, preprocess_stage
-from homodyne_steps.qc import QcSettings, qc_stage, run_qc
+from homodyne_steps.preprocess import preprocess, preprocess_stage
+from homodyne_steps.preprocess_settings import PreprocessSettings
+from homodyne_steps.qc import qc_stage, run_qc
+from homodyne_steps.qc_settings import QcSettings
 from homodyne_steps.serialise import read_npz
 
 SIGMA = 0.01

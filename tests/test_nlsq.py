@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from homodyne_steps import nlsq
+from homodyne_steps import likelihood
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError
+from homodyne_steps.identification import combine_information, identify
 from homodyne_steps.model import compute_c2, make_grid, upper_triangle_pairs
 from homodyne_steps.nlsq_stage import (
     OUTPUT_FILES,
@@ -343,7 +344,7 @@ def big_points(big_case):
     """Fit data of the big case built from the public pieces, plus the start values."""
     data, truth = big_case
     c2 = np.asarray(data.c2_exp)
-    pts = nlsq.make_fit_data(c2, noise_sigma(c2, NoiseSettings()))
+    pts = likelihood.make_fit_data(c2, noise_sigma(c2, NoiseSettings()))
     # Point ids are angle-major (id = a * n_pairs + pair), as upper_triangle_pairs orders them.
     a = upper_triangle_pairs(data.n_t, data.n_phi)[2]
     grid = make_grid(data.t1, data.phi_angles_list, data.q, truth["L"], data.dt)
@@ -356,11 +357,11 @@ def big_points(big_case):
 def chunk_gradients(plan, big_points) -> np.ndarray:
     """Jᵀr of every chunk alone at the start point: (n_chunks, 3 + 2 P)."""
     a, pts, grid, theta0, c0, o0 = big_points
-    blocks = nlsq.angle_blocks(plan.indices, a, c0.size)
+    blocks = likelihood.angle_blocks(plan.indices, a, c0.size)
     grads = []
     for k in range(plan.n_chunks):
-        st = nlsq.accumulate(theta0, grid, pts, blocks[k : k + 1], True)
-        grads.append(nlsq.full_system(st, c0, o0)[1])
+        st = likelihood.accumulate(theta0, grid, pts, blocks[k : k + 1], True)
+        grads.append(likelihood.full_system(st, c0, o0)[1])
     return np.array(grads)
 
 
@@ -822,19 +823,19 @@ def test_combine_information_is_gls_with_partial_identification():
         ys.append(y)
         values.append(np.linalg.pinv(x) @ y)  # one point of this angle's solution line
         infos.append(x.T @ x / sigma**2)
-        alone = nlsq.identify(infos[-1])
+        alone = identify(infos[-1])
         assert alone.rank == 2  # the parameters in the blind direction are not fixed:
         np.testing.assert_array_equal(alone.unidentified, blind[k] != 0)
-    theta, ident = nlsq.combine_information(np.array(values), np.array(infos), np.zeros(3, bool))
+    theta, ident = combine_information(np.array(values), np.array(infos), np.zeros(3, bool))
     x, y = np.vstack(xs), np.concatenate(ys)
     np.testing.assert_allclose(theta, np.linalg.lstsq(x, y, rcond=None)[0], rtol=1e-10)
     np.testing.assert_allclose(ident.covariance(), sigma**2 * np.linalg.inv(x.T @ x), rtol=1e-9)
     assert not ident.unidentified.any() and ident.rank == 3
     assert np.all(np.abs(theta - beta) < 4 * np.sqrt(np.diag(ident.covariance())))
     # Two angles blind to different directions still fix everything; one angle does not.
-    _, two = nlsq.combine_information(np.array(values[:2]), np.array(infos[:2]), np.zeros(3, bool))
+    _, two = combine_information(np.array(values[:2]), np.array(infos[:2]), np.zeros(3, bool))
     assert two.rank == 3
-    _, one = nlsq.combine_information(np.array(values[:1]), np.array(infos[:1]), np.zeros(3, bool))
+    _, one = combine_information(np.array(values[:1]), np.array(infos[:1]), np.zeros(3, bool))
     assert one.rank == 2 and one.unidentified.tolist() == [True, True, False]
     assert np.isnan(one.covariance()[0, 0]) and np.isfinite(one.covariance()[2, 2])
 

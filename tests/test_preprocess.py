@@ -7,17 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from homodyne_steps.c2_cleaning import baseline_lag_range, correct_diagonal
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.noise import estimate_sigma_per_lag
-from homodyne_steps.preprocess import (
-    PreprocessSettings,
-    baseline_lag_range,
-    correct_diagonal,
-    preprocess,
-    preprocess_stage,
-    run_preprocess,
-)
+from homodyne_steps.preprocess import preprocess, preprocess_stage, run_preprocess
+from homodyne_steps.preprocess_settings import PreprocessSettings
 from homodyne_steps.serialise import read_npz
 
 RECORD_FIELDS = {
@@ -386,7 +381,7 @@ def test_bad_settings_raise_config_error(mapping, pattern):
 def test_settings_where_prefix_and_direct_construction_checked():
     with pytest.raises(ConfigError, match=r"^stages\.pre\.normalization\.x: unknown key"):
         PreprocessSettings.from_mapping({"normalization": {"x": 1}}, where="stages.pre")
-    from homodyne_steps.preprocess import DiagonalCorrectionSettings
+    from homodyne_steps.preprocess_settings import DiagonalCorrectionSettings
 
     bad = PreprocessSettings(diagonal_correction=DiagonalCorrectionSettings(window=0))
     with pytest.raises(ConfigError, match="window"):

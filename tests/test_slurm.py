@@ -256,7 +256,7 @@ def test_thread_pinning_stays_inside_the_allowed_cpus(tmp_path):
     code = (
         "import json, os, sys\n"
         "os.sched_setaffinity(0, json.loads(sys.argv[1]))\n"
-        "from homodyne_steps.cli import pin_threads\n"
+        "from homodyne_steps.cpu_pinning import pin_threads\n"
         "pin_threads(int(sys.argv[2]))\n"
         "print(sorted(os.sched_getaffinity(0)))\n"
     )

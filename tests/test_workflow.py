@@ -111,6 +111,13 @@ def test_stage_slices_are_canonical_and_minimal():
     assert merged["phi_ranges"] == [[-40, 40]] and merged["exclude_t0"] is True
 
 
+def test_load_slice_holds_exactly_the_load_settings():
+    from homodyne_steps.load import SETTINGS_KEYS
+    from homodyne_steps.wfconfig import LOAD_KEYS
+
+    assert set(LOAD_KEYS) == set(SETTINGS_KEYS)
+
+
 def test_code_fingerprints_name_the_version_and_differ_by_stage():
     prints = {s: code_fingerprint(s) for s in STAGES}
     assert len(set(prints.values())) == len(prints)
@@ -154,12 +161,8 @@ def test_code_edits_change_exactly_the_stages_that_import_the_module(tmp_path):
 
     # reference.py holds the simulator's reference cases: only `simulate` reads it.
     assert changed_after(lambda: append("reference", "\n# edited\n")) == {"simulate"}
-    # The noise model: the fit, the shards and the combine (which re-fits at the consensus).
-    assert changed_after(lambda: append("noise", "\n# edited\n")) == {
-        "nlsq",
-        "cmc_shard",
-        "cmc_combine",
-    }
+    # The noise model: the fit and the shards (the combine reads σ from NLSQ's output).
+    assert changed_after(lambda: append("noise", "\n# edited\n")) == {"nlsq", "cmc_shard"}
     # cli.py holds the command line (load defaults among it): every stage runs through it.
     assert changed_after(lambda: append("cli", "\n# edited\n")) == set(STAGES)
     # A new import is followed: once filter imports reference, editing reference reruns it.

@@ -43,9 +43,6 @@ def _cell(text: str) -> tuple[int, int]:
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    from homodyne_steps.reference import REFERENCE_GEOMETRY
-
-    g = REFERENCE_GEOMETRY
     p = sub.add_parser(
         "simulate",
         help="write a synthetic APS two-time file (and truth.json) drawn from the model",
@@ -54,9 +51,29 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
             "--mode from shared/spec/physics.md), add noise, and write an APS HDF5 file."
         ),
     )
+    _add_simulate_files(p)
+    _add_simulate_model(p)
+    p.set_defaults(func=_run_simulate)
+
+
+def _add_simulate_files(p: argparse.ArgumentParser) -> None:
+    """The files ``simulate`` writes and the JSON settings the workflow passes."""
     p.add_argument("--out", required=True, help="HDF5 file to write")
     p.add_argument("--truth", help="truth JSON (default: truth.json beside --out)")
     p.add_argument("--format", choices=["aps_u", "aps_old"], default="aps_u")
+    p.add_argument(
+        "--settings",
+        metavar="JSON",
+        help="all simulation settings as a JSON object (what the workflow passes); "
+        "replaces the options above except --out, --truth and --format",
+    )
+
+
+def _add_simulate_model(p: argparse.ArgumentParser) -> None:
+    """The simulated experiment: mode, parameters, geometry, noise, correlator."""
+    from homodyne_steps.reference import REFERENCE_GEOMETRY
+
+    g = REFERENCE_GEOMETRY
     p.add_argument(
         "--mode",
         choices=sorted(MODE_ALIASES),
@@ -118,13 +135,6 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--avg-frames", type=int, default=2)
     p.add_argument("--stride-frames", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--settings",
-        metavar="JSON",
-        help="all simulation settings as a JSON object (what the workflow passes); "
-        "replaces the options above except --out, --truth and --format",
-    )
-    p.set_defaults(func=_run_simulate)
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -239,29 +249,11 @@ def _add_data_stages(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_load(args: argparse.Namespace) -> int:
-    from homodyne_steps.load import load_stage
-    from homodyne_steps.settings import check_keys, parse_settings_json
+    from homodyne_steps.load import LoadSettings, load_stage
+    from homodyne_steps.settings import parse_settings_json
 
-    s = parse_settings_json(args.settings, "load")
-    keys = {"q", "dt", "frames", "q_tolerance", "storage", "missing_frame_factors", "time_origin"}
-    check_keys(s, keys, "load")
-    if "q" not in s:
-        raise HomodyneStepsError("load: the target q (1/Å) is required")
-    frames = s.get("frames") or {}
-    check_keys(frames, {"start", "end"}, "load.frames")
-    data = load_stage(
-        args.input,
-        s["q"],
-        args.out_npz,
-        args.out_json,
-        start_frame=frames.get("start", 1),
-        end_frame=frames.get("end", -1),
-        dt=s.get("dt"),
-        q_tolerance=s.get("q_tolerance", 0.1),
-        storage=s.get("storage", "auto"),
-        missing_frame_factors=s.get("missing_frame_factors", "error"),
-        time_origin=s.get("time_origin", "file"),
-    )
+    s = LoadSettings.from_mapping(parse_settings_json(args.settings, "load"))
+    data = load_stage(args.input, s.q, args.out_npz, args.out_json, **s.read_options())
     print(f"loaded {data.n_phi} angles x {data.n_t} frames at q = {data.q:.6g} 1/Å")
     return 0
 
@@ -277,7 +269,8 @@ def _run_filter(args: argparse.Namespace) -> int:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from homodyne_steps.preprocess import PreprocessSettings, preprocess_stage
+    from homodyne_steps.preprocess import preprocess_stage
+    from homodyne_steps.preprocess_settings import PreprocessSettings
     from homodyne_steps.settings import parse_settings_json
 
     settings = PreprocessSettings.from_mapping(parse_settings_json(args.settings, "preprocess"))
@@ -287,7 +280,8 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
 
 def _run_qc(args: argparse.Namespace) -> int:
-    from homodyne_steps.qc import QcSettings, qc_stage
+    from homodyne_steps.qc import qc_stage
+    from homodyne_steps.qc_settings import QcSettings
     from homodyne_steps.settings import parse_settings_json
 
     settings = QcSettings.from_mapping(parse_settings_json(args.settings, "qc"))
@@ -439,7 +433,7 @@ def _run_cmc_combine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from homodyne_steps.cmc_combine import CombineSettings, combine_stage
-    from homodyne_steps.cmc_fitted import write_cmc_fitted_data
+    from homodyne_steps.cmc_fitted import FittedInputs
 
     s = _job_settings(args.settings, "cmc-combine", {"analysis_mode", "L", "combine"})
     nlsq_dir = Path(args.nlsq_dir)
@@ -450,8 +444,8 @@ def _run_cmc_combine(args: argparse.Namespace) -> int:
         args.out_dir,
         CombineSettings.from_mapping(s.get("combine")),
         nlsq_parameters=nlsq_dir / "parameters.json",
+        fitted=FittedInputs(args.input, nlsq_dir, s["analysis_mode"], s["L"]),
     )
-    write_cmc_fitted_data(Path(args.out_dir), args.input, nlsq_dir, s["analysis_mode"], s["L"])
     print(f"CMC {out.status}: {len(out.kept)} shards kept, {len(out.excluded)} excluded")
     return 0
 
@@ -567,97 +561,6 @@ def _run_params(args: argparse.Namespace) -> int:
     return 0
 
 
-_CORE_LOCKS: list = []  # held open for the process lifetime
-
-
-def pin_threads(n: int) -> None:
-    """Restrict this process to ``n`` of its allowed CPUs (before JAX is imported).
-
-    Snakemake does not pin local jobs, and XLA's CPU pool follows the affinity mask at
-    backend start: without this, two concurrent JAX jobs would each use every core.
-    Concurrent jobs must also get *different* cores, so each core is claimed with an
-    exclusive lock file (released when the process exits, however it exits); if too few
-    are free (oversubscription), the remaining cores are taken by rotation. Cores are only
-    ever chosen from the current mask: under Slurm (task/affinity) that is the job's
-    allocation, and with threads = --cpus-per-task (profiles/slurm) nothing changes.
-    """
-    import fcntl
-    import os
-
-    if n < 1:
-        raise SystemExit("homodyne-steps: --threads must be >= 1")
-    if not hasattr(os, "sched_setaffinity"):
-        return
-    allowed = sorted(os.sched_getaffinity(0))
-    if n >= len(allowed):
-        return
-    lock_dir = _private_lock_dir()
-    start = os.getpid() % len(allowed)
-    order = allowed[start:] + allowed[:start]
-    chosen: list[int] = []
-    for cpu in order if lock_dir else ():
-        if len(chosen) == n:
-            break
-        # No O_TRUNC, no symlinks followed: a lock file only ever holds a lock.
-        try:
-            fd = os.open(
-                os.path.join(lock_dir, f"cpu{cpu}.lock"),
-                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
-        except OSError:  # a symlink planted in our folder, or no access: not this core
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            continue
-        _CORE_LOCKS.append(fd)
-        chosen.append(cpu)
-    for cpu in order:  # oversubscribed (or no lock folder): share cores rather than wait
-        if len(chosen) == n:
-            break
-        if cpu not in chosen:
-            chosen.append(cpu)
-    os.sched_setaffinity(0, chosen)
-
-
-def _warn(message: str) -> None:
-    print(f"homodyne-steps: {message}", file=sys.stderr)
-
-
-def _private_lock_dir() -> str | None:
-    """``$TMPDIR/homodyne-steps-cores-<uid>``, made 0700 and checked to be ours.
-
-    /tmp is shared: another user could plant a symlink or a folder of their own there
-    and have our lock files point at the runner's files. The folder must be a real
-    directory (not a link) owned by this user with no group/other access; otherwise CPU
-    pinning goes on without locks (cores by rotation) and says why on stderr.
-    """
-    import os
-    import stat
-    import tempfile
-
-    lock_dir = os.path.join(tempfile.gettempdir(), f"homodyne-steps-cores-{os.getuid()}")
-    try:
-        os.mkdir(lock_dir, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        _warn(f"cannot create {lock_dir} ({exc.strerror}); pinning cores without locks")
-        return None
-    info = os.lstat(lock_dir)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        _warn(
-            f"{lock_dir} is not a directory owned by uid {os.getuid()}; pinning cores "
-            "without locks (remove it, or set TMPDIR)"
-        )
-        return None
-    if info.st_mode & 0o077:  # ours, but made with a loose umask by an older version
-        os.chmod(lock_dir, 0o700, follow_symlinks=False)
-    return lock_dir
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="homodyne-steps",
@@ -682,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit 2 inside argparse
     if args.threads is not None:
+        from homodyne_steps.cpu_pinning import pin_threads
+
         pin_threads(args.threads)
     try:
         return args.func(args)

@@ -2,7 +2,7 @@ r"""One CMC shard: NumPyro NUTS on a stratified subset of the points.
 
 Likelihood: the same kernel and noise model as the NLSQ fit. The shard's points (ids in
 the NLSQ sense: angle × upper-triangle pair) are arranged in per-angle blocks, and the
-NLSQ pass (:func:`homodyne_steps.nlsq._accumulate`, here differentiated in reverse mode)
+NLSQ pass (:func:`homodyne_steps.likelihood.block_stats`, here differentiated in reverse mode)
 gives the per-angle sums Σw²G², Σw²G, Σw², Σw²Gd, Σw²d, Σw²d² at θ, with G = g1² and
 w = 1/σ(angle, lag) from the NLSQ noise estimate. Then, per angle a::
 
@@ -48,8 +48,7 @@ from homodyne_steps.cmc_space import (
 from homodyne_steps.coordinates import SAMPLING_COORDINATES, SHARDABLE_COORDINATES
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
-from homodyne_steps.model import make_grid
-from homodyne_steps.nlsq import (
+from homodyne_steps.likelihood import (
     Stats,
     angle_blocks,
     block_stats,
@@ -57,10 +56,18 @@ from homodyne_steps.nlsq import (
     gather_points,
     make_fit_data,
 )
+from homodyne_steps.lm import damped_step, is_decrease, marquardt_scale, scale_system
+from homodyne_steps.model import make_grid
 from homodyne_steps.noise import noise_scale_record
 from homodyne_steps.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.scaling import build_map, quantile_estimates
-from homodyne_steps.serialise import atomic_path, read_json, read_npz, write_json
+from homodyne_steps.serialise import (
+    atomic_path,
+    finite_or_none,
+    read_json,
+    read_npz,
+    write_json,
+)
 from homodyne_steps.settings import check_keys, get_bool, get_choice, get_int, get_number
 
 
@@ -360,7 +367,10 @@ def shard_mode(potential, w0: np.ndarray, max_iterations: int = 40) -> ShardMode
     """Damped Newton on the potential (−log target) in the unconstrained coordinates.
 
     The Hessian is exact (JAX), so the metric includes the prior, the varpro log-det
-    term and the curvature of the transforms: the Gaussian NUTS actually sees.
+    term and the curvature of the transforms: the Gaussian NUTS actually sees. The step
+    (Marquardt-scaled, damped) and the acceptance test are the NLSQ solver's
+    (:mod:`homodyne_steps.lm`); unlike there, the Hessian may be indefinite (the damping
+    is shifted past its smallest eigenvalue) and the damping moves tenfold.
     """
     t0 = time.perf_counter()
     value_and_grad = jax.jit(jax.value_and_grad(potential))
@@ -374,8 +384,8 @@ def shard_mode(potential, w0: np.ndarray, max_iterations: int = 40) -> ShardMode
             break
         h = np.asarray(hessian(x), dtype=np.float64)
         h = 0.5 * (h + h.T)
-        scale = np.sqrt(np.clip(np.abs(np.diag(h)), 1e-300, None))
-        hs, gs = h / np.outer(scale, scale), g / scale
+        scale = marquardt_scale(np.abs(np.diag(h)))
+        hs, gs = scale_system(h, g, scale)
         evals = np.linalg.eigvalsh(hs)
         if evals[0] > 0 and gs @ np.linalg.solve(hs, gs) < 1e-6:
             status = "converged"
@@ -383,9 +393,9 @@ def shard_mode(potential, w0: np.ndarray, max_iterations: int = 40) -> ShardMode
         accepted = False
         while lam < 1e12:
             shift = lam + max(0.0, -evals[0] * 1.01)
-            step = -np.linalg.solve(hs + shift * np.eye(x.size), gs) / scale
+            step = damped_step(hs, gs, shift) / scale
             f_new, g_new = (np.asarray(v, dtype=np.float64) for v in value_and_grad(x + step))
-            if np.isfinite(f_new) and f_new < f:
+            if is_decrease(f, f_new):
                 x, f, g, accepted = x + step, f_new, g_new, True
                 lam = max(lam / 10.0, 1e-9)
                 break
@@ -502,8 +512,6 @@ def sample_shard(
     ``loglik_fn(θ) -> (log L_k(θ), deterministics)``; ``num_shards`` is the K of the
     tempering (1: the full prior, no tempering).
     """
-    from numpyro.infer import MCMC, NUTS, init_to_value
-
     model = partial(shard_model, space, coords, num_shards, loglik_fn)
     w0 = _start_point(space, coords, theta0)
 
@@ -511,6 +519,35 @@ def sample_shard(
         return -shard_log_density(w, space, coords, num_shards, loglik_fn)[0]
 
     mode = shard_mode(potential, w0)
+    mcmc, timings = _run_nuts(model, mode, sampler, shard)
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    num_steps = np.asarray(extra["num_steps"])
+    stats = {
+        "diverging": np.asarray(extra["diverging"]).astype(bool),
+        "energy": np.asarray(extra["energy"]),
+        "tree_depth": np.floor(np.log2(np.maximum(num_steps, 1))).astype(int) + 1,
+        "step_size": np.asarray(extra["adapt_state.step_size"]),
+        "acceptance_rate": np.asarray(extra["accept_prob"]),
+        "n_steps": num_steps,
+    }
+    idata = ShardPosterior.from_arrays(
+        {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}, stats
+    )
+    idata.posterior.attrs.update(
+        {
+            "sampled_space": space.to_json(),
+            "reparameterize": coords,
+            "combination_coordinates": COMBINATION,
+            "prior_tempering": 1.0 / num_shards,
+        }
+    )
+    return idata, _sampling_record(stats, sampler, mode, timings)
+
+
+def _run_nuts(model, mode: ShardMode, sampler: SamplerSettings, shard: int):
+    """NUTS from the shard's mode with its Laplace metric: (the run MCMC, timings)."""
+    from numpyro.infer import MCMC, NUTS, init_to_value
+
     metric = mode.inverse_mass
     start_metric = _start_metric(mode, sampler.dense_mass)
     site = ("sampled_coordinates",)
@@ -544,43 +581,25 @@ def sample_shard(
         extra_fields=("diverging", "energy", "num_steps", "adapt_state.step_size", "accept_prob"),
     )
     t2 = time.perf_counter()
-    extra = mcmc.get_extra_fields(group_by_chain=True)
-    num_steps = np.asarray(extra["num_steps"])
-    tree_depth = np.floor(np.log2(np.maximum(num_steps, 1))).astype(int) + 1
-    step_size = np.asarray(extra["adapt_state.step_size"])
-    accept = np.asarray(extra["accept_prob"])
-    diverging = np.asarray(extra["diverging"])
-    idata = ShardPosterior.from_arrays(
-        {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()},
-        {
-            "diverging": diverging.astype(bool),
-            "energy": np.asarray(extra["energy"]),
-            "tree_depth": tree_depth,
-            "step_size": step_size,
-            "acceptance_rate": accept,
-            "n_steps": num_steps,
-        },
-    )
-    idata.posterior.attrs.update(
-        {
-            "sampled_space": space.to_json(),
-            "reparameterize": coords,
-            "combination_coordinates": COMBINATION,
-            "prior_tempering": 1.0 / num_shards,
-        }
-    )
+    return mcmc, {"warmup_s": t1 - t0, "sampling_s": t2 - t1, "total_s": t2 - t0}
+
+
+def _sampling_record(stats, sampler: SamplerSettings, mode: ShardMode, timings) -> dict:
+    """The sampler's part of the shard record: settings, NUTS diagnostics, the mode."""
+    diverging, tree_depth = stats["diverging"], stats["tree_depth"]
+    metric = mode.inverse_mass
     n_draws = diverging.size
-    record = {
+    return {
         "num_chains": sampler.num_chains,
         "num_warmup": sampler.num_warmup,
         "num_samples": sampler.num_samples,
         "divergences": int(diverging.sum()),
         "divergence_rate": float(diverging.sum() / n_draws),
-        "step_size": float(np.mean(step_size)),
+        "step_size": float(np.mean(stats["step_size"])),
         "mean_tree_depth": float(tree_depth.mean()),
         "max_tree_depth_hits": int(np.sum(tree_depth > sampler.max_tree_depth)),
-        "acceptance_rate": float(accept.mean()),
-        "timings": {"warmup_s": t1 - t0, "sampling_s": t2 - t1, "total_s": t2 - t0},
+        "acceptance_rate": float(stats["acceptance_rate"].mean()),
+        "timings": timings,
         "metric": (
             "Laplace covariance at the shard's mode (fixed)"
             if metric is not None and not sampler.adapt_mass_matrix
@@ -594,7 +613,6 @@ def sample_shard(
             "seconds": mode.seconds,
         },
     }
-    return idata, record
 
 
 def run_shard(inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, shard: int = 0):
@@ -635,15 +653,9 @@ def cmc_shard_stage(
     """Sample shard ``shard`` of the plan; write its InferenceData and record."""
     t_start = time.perf_counter()
     registry = REGISTRY.with_overrides(parameter_overrides)
-    data = XpcsData.from_npz(qc_npz)
-    plan = read_npz(plan_npz, required=("indices",))["indices"]
-    nlsq_params = read_json(nlsq_parameters)
-    sigma_lag = read_npz(nlsq_fitted, required=("sigma_per_lag",))["sigma_per_lag"]
-    if sigma_lag.shape != (data.n_phi, data.n_t):
-        raise DataError(
-            f"{nlsq_fitted}: sigma_per_lag has shape {sigma_lag.shape}; the data needs "
-            f"{(data.n_phi, data.n_t)} (was the NLSQ fit run on this data?)"
-        )
+    data, plan, nlsq_params, sigma_lag = _read_inputs(
+        qc_npz, plan_npz, nlsq_parameters, nlsq_fitted
+    )
     inp = prepare_shard(
         data,
         plan,
@@ -669,7 +681,35 @@ def cmc_shard_stage(
     )
     for attr in ("shard", "num_shards"):
         idata.posterior.attrs[attr] = int(idata.posterior.attrs[attr])
-    record = {
+    record = _shard_record(inp, sampler, prior, shard, record)
+    # Compilation happens inside the first warmup call; the warmup time includes it.
+    record["timings"]["prepare_s"] = t_prep - t_start
+    record["timings"]["compile_and_warmup_s"] = record["timings"].pop("warmup_s")
+    record["timings"]["total_s"] = time.perf_counter() - t_start
+    _write_netcdf(idata, out_nc)
+    write_json(out_json, record)
+    return record
+
+
+def _read_inputs(qc_npz, plan_npz, nlsq_parameters, nlsq_fitted):
+    """(data, plan indices, NLSQ parameters record, NLSQ σ per lag) of a shard."""
+    data = XpcsData.from_npz(qc_npz)
+    plan = read_npz(plan_npz, required=("indices",))["indices"]
+    nlsq_params = read_json(nlsq_parameters)
+    sigma_lag = read_npz(nlsq_fitted, required=("sigma_per_lag",))["sigma_per_lag"]
+    if sigma_lag.shape != (data.n_phi, data.n_t):
+        raise DataError(
+            f"{nlsq_fitted}: sigma_per_lag has shape {sigma_lag.shape}; the data needs "
+            f"{(data.n_phi, data.n_t)} (was the NLSQ fit run on this data?)"
+        )
+    return data, plan, nlsq_params, sigma_lag
+
+
+def _shard_record(
+    inp: ShardInputs, sampler: SamplerSettings, prior: PriorSettings, shard: int, sampling
+) -> dict[str, Any]:
+    """The shard's JSON record: what was sampled, under which prior, then ``sampling``."""
+    return {
         "shard": shard,
         "num_shards": inp.num_shards,
         "n_points": inp.n_points,
@@ -683,27 +723,16 @@ def cmc_shard_stage(
             "tempering": prior.tempering,
             "mu": inp.space.prior_mu.tolist(),
             "sigma": inp.space.prior_sigma.tolist(),
-            "lower": [_finite_or_none(x) for x in inp.space.lower],
-            "upper": [_finite_or_none(x) for x in inp.space.upper],
+            "lower": [finite_or_none(x) for x in inp.space.lower],
+            "upper": [finite_or_none(x) for x in inp.space.upper],
         },
         "coordinates": {
             "sampled": sampler.reparameterize,
             "combined": COMBINATION,
         },
         "noise_scale": inp.noise_scale,
-        **record,
+        **sampling,
     }
-    # Compilation happens inside the first warmup call; the warmup time includes it.
-    record["timings"]["prepare_s"] = t_prep - t_start
-    record["timings"]["compile_and_warmup_s"] = record["timings"].pop("warmup_s")
-    record["timings"]["total_s"] = time.perf_counter() - t_start
-    _write_netcdf(idata, out_nc)
-    write_json(out_json, record)
-    return record
-
-
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
 
 
 def _write_netcdf(idata, path: str | os.PathLike[str]) -> Path:

@@ -25,13 +25,41 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ENTRY_MODULE = "cli"
 
 
-def _module_path(name: str, package_dir: Path) -> Path | None:
-    """The source file of package module ``name`` (``__init__`` for the package)."""
-    path = package_dir / f"{name}.py"
-    return path if path.is_file() else None
+def module_path(name: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
+    """The source file of package module ``name``, a dotted name relative to the package
+    (``"cli"``, ``"io.serialise"``; ``"__init__"`` is the package itself, ``"io"`` a
+    subpackage's ``__init__.py``); None when there is none."""
+    if name == "__init__":
+        path = package_dir / "__init__.py"
+        return path if path.is_file() else None
+    parts = name.split(".")
+    for path in (package_dir.joinpath(*parts).with_suffix(".py"),
+                 package_dir.joinpath(*parts, "__init__.py")):  # fmt: skip
+        if path.is_file():
+            return path
+    return None
 
 
-def _imported_modules(nodes: list[ast.AST], package_dir: Path) -> set[str]:
+def _with_packages(dotted: str, package_dir: Path) -> set[str]:
+    """``dotted`` (if it is a module) and every package on its way: importing a.b.c runs
+    the package, ``a/__init__`` and ``a/b/__init__`` too."""
+    parts = dotted.split(".") if dotted else []
+    names = {"__init__"} | {".".join(parts[: k + 1]) for k in range(len(parts))}
+    return {n for n in names if module_path(n, package_dir)}
+
+
+def _base(node: ast.ImportFrom, current: str) -> str | None:
+    """The package-relative dotted module an ``import from`` names (None: not ours)."""
+    module = node.module or ""
+    if node.level == 0:
+        parts = module.split(".")
+        return ".".join(parts[1:]) if parts[0] == PACKAGE else None
+    here = [] if current in ("", "__init__") else current.split(".")
+    package = here[: len(here) - node.level] if len(here) >= node.level else []
+    return ".".join([*package, *([module] if module else [])])
+
+
+def _imported_modules(nodes: list[ast.AST], package_dir: Path, current: str = "") -> set[str]:
     """Package modules named by the import statements anywhere under ``nodes``."""
     found: set[str] = set()
     for root in nodes:
@@ -40,21 +68,17 @@ def _imported_modules(nodes: list[ast.AST], package_dir: Path) -> set[str]:
                 for alias in node.names:
                     parts = alias.name.split(".")
                     if parts[0] == PACKAGE:
-                        found.add("__init__")
-                        if len(parts) > 1:
-                            found.add(parts[1])
+                        found |= _with_packages(".".join(parts[1:]), package_dir)
             elif isinstance(node, ast.ImportFrom):
-                parts = (node.module or "").split(".")
-                if node.level == 0 and parts[0] != PACKAGE:
+                base = _base(node, current)
+                if base is None:
                     continue
-                found.add("__init__")
-                if node.level == 0 and len(parts) > 1:
-                    found.add(parts[1])
-                elif node.level > 0 and parts[0]:
-                    found.add(parts[0])
-                else:  # `from homodyne_steps import x`: x may be a module
-                    found.update(a.name for a in node.names if _module_path(a.name, package_dir))
-    return {m for m in found if _module_path(m, package_dir)}
+                found |= _with_packages(base, package_dir)
+                for alias in node.names:  # `from pkg import x`: x may be a module
+                    sub = f"{base}.{alias.name}" if base else alias.name
+                    if module_path(sub, package_dir):
+                        found |= _with_packages(sub, package_dir)
+    return found
 
 
 def _tree(path: Path) -> ast.Module:
@@ -69,10 +93,12 @@ def _parse(path: Path, mtime_ns: int, size: int) -> ast.Module:
 
 def module_imports(name: str, package_dir: Path = PACKAGE_DIR) -> set[str]:
     """Package modules imported anywhere in module ``name``."""
-    path = _module_path(name, package_dir)
+    path = module_path(name, package_dir)
     if path is None:
         raise FileNotFoundError(f"{PACKAGE}.{name}: no source file in {package_dir}")
-    return _imported_modules([_tree(path)], package_dir)
+    # A module's relative imports count from its package; a package's from itself.
+    current = f"{name}.__init__" if path.name == "__init__.py" and name != "__init__" else name
+    return _imported_modules([_tree(path)], package_dir, current)
 
 
 def closure(roots: set[str], package_dir: Path = PACKAGE_DIR) -> set[str]:

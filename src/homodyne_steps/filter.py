@@ -167,76 +167,36 @@ def first_lag_contrast(c2: np.ndarray) -> float:
     return float(band1 - baseline)
 
 
-def apply_filter(data: XpcsData, s: FilterSettings) -> tuple[XpcsData, dict[str, Any]]:
-    """Apply the selections; return the kept data and the record of what was dropped."""
-    dropped: list[dict[str, Any]] = []
-    keep = np.ones(data.n_phi, dtype=bool)
+@dataclass
+class _Drops:
+    """The angles kept so far and the record of every drop, in the order they happen."""
 
-    def drop_angles(mask: np.ndarray, reason: str) -> None:
-        for k in np.flatnonzero(keep & ~mask):
-            dropped.append({
+    data: XpcsData
+    keep: np.ndarray
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+
+    def angles(self, mask: np.ndarray, reason: str) -> None:
+        """Drop the kept angles where ``mask`` is False, recording ``reason``."""
+        for k in np.flatnonzero(self.keep & ~mask):
+            self.dropped.append({
                 "kind": "angle",
                 "index": int(k),
-                "phi_deg": float(data.phi_angles_list[k]),
-                "q": float(data.wavevector_q_list[k]),
+                "phi_deg": float(self.data.phi_angles_list[k]),
+                "q": float(self.data.wavevector_q_list[k]),
                 "reason": reason,
             })  # fmt: skip
-        keep[:] &= mask
+        self.keep &= mask
 
-    if s.phi_ranges is not None:
-        drop_angles(
-            in_phi_ranges(data.phi_angles_list, s.phi_ranges),
-            f"outside filter.phi_ranges {[list(r) for r in s.phi_ranges]}",
-        )
-        _require_any(keep, "filter.phi_ranges", data)
-    if s.q_range is not None:
-        q = data.wavevector_q_list
-        drop_angles(
-            (q >= s.q_range[0]) & (q <= s.q_range[1]), f"q outside filter.q_range {list(s.q_range)}"
-        )
-        _require_any(keep, "filter.q_range", data)
 
-    # Frames: relative trim first, then the t = 0 frame.
-    n_t = data.n_t
-    end = n_t if s.frame_end == -1 else s.frame_end
-    if end > n_t:
-        raise ConfigError(f"filter.frames.end = {s.frame_end} is beyond the {n_t} loaded frames")
-    frame_keep = np.zeros(n_t, dtype=bool)
-    frame_keep[s.frame_start - 1 : end] = True
-    if not frame_keep.all():
-        dropped.append({
-            "kind": "frames",
-            "count": int(n_t - frame_keep.sum()),
-            "reason": f"outside filter.frames [{s.frame_start}, {s.frame_end}] "
-                      "(1-based, relative to the loaded window)",
-        })  # fmt: skip
-    if s.exclude_t0:
-        at_zero = frame_keep & (data.t1 < 0.5 * data.dt)
-        if at_zero.any():
-            frame_keep &= ~at_zero
-            dropped.append({
-                "kind": "frames",
-                "count": int(at_zero.sum()),
-                "reason": "t = 0 excluded (filter.exclude_t0): power laws are singular there",
-            })  # fmt: skip
-    if frame_keep.sum() < MIN_FRAMES:
-        raise ConfigError(
-            f"filter.frames/exclude_t0 leave {int(frame_keep.sum())} frames; at least "
-            f"{MIN_FRAMES} are needed"
-        )
-    idx = np.flatnonzero(frame_keep)
+def apply_filter(data: XpcsData, s: FilterSettings) -> tuple[XpcsData, dict[str, Any]]:
+    """Apply the selections; return the kept data and the record of what was dropped."""
+    drops = _Drops(data, np.ones(data.n_phi, dtype=bool))
+    _select_angles(drops, s)
+    idx = _select_frames(drops, s)
     c2 = data.c2_exp[:, idx[:, None], idx[None, :]]
-
     if s.quality.enabled:
-        contrast = np.array([first_lag_contrast(m) for m in c2])
-        nonfinite = np.array([1.0 - np.isfinite(m).mean() for m in c2])
-        ok_finite = nonfinite <= s.quality.max_nonfinite_fraction
-        drop_angles(ok_finite, f"non-finite fraction above {s.quality.max_nonfinite_fraction}")
-        ok_contrast = ~(contrast < s.quality.min_contrast)  # NaN contrast counts as failing
-        ok_contrast &= np.isfinite(contrast)
-        drop_angles(ok_contrast, f"first-lag contrast below {s.quality.min_contrast}")
-        _require_any(keep, "filter.quality", data)
-
+        _select_by_quality(drops, c2, s.quality)
+    keep = drops.keep
     out = XpcsData(
         wavevector_q_list=data.wavevector_q_list[keep],
         phi_angles_list=data.phi_angles_list[keep],
@@ -253,11 +213,73 @@ def apply_filter(data: XpcsData, s: FilterSettings) -> tuple[XpcsData, dict[str,
             "t_first_s": float(out.t1[0]),
             "t_last_s": float(out.t1[-1]),
         },
-        "dropped": dropped,
+        "dropped": drops.dropped,
         "input_shape": list(data.c2_exp.shape),
         "output_shape": list(out.c2_exp.shape),
     }
     return out, record
+
+
+def _select_angles(drops: _Drops, s: FilterSettings) -> None:
+    """``phi_ranges`` and ``q_range``; each must leave at least one angle."""
+    data = drops.data
+    if s.phi_ranges is not None:
+        drops.angles(
+            in_phi_ranges(data.phi_angles_list, s.phi_ranges),
+            f"outside filter.phi_ranges {[list(r) for r in s.phi_ranges]}",
+        )
+        _require_any(drops.keep, "filter.phi_ranges", data)
+    if s.q_range is not None:
+        q = data.wavevector_q_list
+        drops.angles(
+            (q >= s.q_range[0]) & (q <= s.q_range[1]), f"q outside filter.q_range {list(s.q_range)}"
+        )
+        _require_any(drops.keep, "filter.q_range", data)
+
+
+def _select_frames(drops: _Drops, s: FilterSettings) -> np.ndarray:
+    """Indices of the kept frames: the relative trim first, then the t = 0 frame."""
+    data = drops.data
+    n_t = data.n_t
+    end = n_t if s.frame_end == -1 else s.frame_end
+    if end > n_t:
+        raise ConfigError(f"filter.frames.end = {s.frame_end} is beyond the {n_t} loaded frames")
+    frame_keep = np.zeros(n_t, dtype=bool)
+    frame_keep[s.frame_start - 1 : end] = True
+    if not frame_keep.all():
+        drops.dropped.append({
+            "kind": "frames",
+            "count": int(n_t - frame_keep.sum()),
+            "reason": f"outside filter.frames [{s.frame_start}, {s.frame_end}] "
+                      "(1-based, relative to the loaded window)",
+        })  # fmt: skip
+    if s.exclude_t0:
+        at_zero = frame_keep & (data.t1 < 0.5 * data.dt)
+        if at_zero.any():
+            frame_keep &= ~at_zero
+            drops.dropped.append({
+                "kind": "frames",
+                "count": int(at_zero.sum()),
+                "reason": "t = 0 excluded (filter.exclude_t0): power laws are singular there",
+            })  # fmt: skip
+    if frame_keep.sum() < MIN_FRAMES:
+        raise ConfigError(
+            f"filter.frames/exclude_t0 leave {int(frame_keep.sum())} frames; at least "
+            f"{MIN_FRAMES} are needed"
+        )
+    return np.flatnonzero(frame_keep)
+
+
+def _select_by_quality(drops: _Drops, c2: np.ndarray, q: QualityFilter) -> None:
+    """The optional quality filter: non-finite fraction, then first-lag contrast."""
+    contrast = np.array([first_lag_contrast(m) for m in c2])
+    nonfinite = np.array([1.0 - np.isfinite(m).mean() for m in c2])
+    drops.angles(nonfinite <= q.max_nonfinite_fraction,
+                 f"non-finite fraction above {q.max_nonfinite_fraction}")  # fmt: skip
+    ok_contrast = ~(contrast < q.min_contrast)  # NaN contrast counts as failing
+    ok_contrast &= np.isfinite(contrast)
+    drops.angles(ok_contrast, f"first-lag contrast below {q.min_contrast}")
+    _require_any(drops.keep, "filter.quality", drops.data)
 
 
 def _require_any(keep: np.ndarray, name: str, data: XpcsData) -> None:

@@ -2,7 +2,7 @@
 
 Strategies:
 
-- ``joint`` (default): every angle in one problem (:mod:`homodyne_steps.nlsq`), over
+- ``joint`` (default): every angle in one problem (:mod:`homodyne_steps.lm`), over
   angle-stratified chunks; optional multistart (Latin hypercube over the bounds, log
   spacing for log-scale parameters) reporting whether distinct minima were found.
 - ``sequential``: each angle fitted alone (its own exact scaling), physical parameters
@@ -35,28 +35,29 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from homodyne_steps import __version__
-from homodyne_steps._jax import jnp
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError, HomodyneStepsError
-from homodyne_steps.model import c2_matrix, make_grid
-from homodyne_steps.nlsq import (
-    FitResult,
-    Problem,
-    SolverSettings,
+from homodyne_steps.fitted_io import write_fitted_data
+from homodyne_steps.identification import combine_information, identify
+from homodyne_steps.likelihood import (
     angle_blocks,
     chi_squared_per_angle,
-    combine_information,
     count_points,
-    identify,
-    information_at,
-    levenberg_marquardt,
     make_fit_data,
     stratified_blocks,
 )
+from homodyne_steps.lm import (
+    FitResult,
+    Problem,
+    SolverSettings,
+    information_at,
+    levenberg_marquardt,
+)
+from homodyne_steps.model import make_grid
 from homodyne_steps.noise import NoiseSettings, noise_scale_record, noise_sigma, summary
 from homodyne_steps.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.scaling import MODES, build_map, quantile_estimates
-from homodyne_steps.serialise import write_json, write_npz
+from homodyne_steps.serialise import finite_or_none, write_json
 from homodyne_steps.settings import check_keys, get_choice, get_int, get_number
 from homodyne_steps.stratify import ChunkingSettings, diagnose_counts
 
@@ -412,11 +413,11 @@ def _angle_record(phi: float, r: FitResult, names, used: bool) -> dict[str, Any]
         "reason": r.reason,
         "success": used,
         "not_identified": list(r.not_identified),
-        "chi_squared": _finite(r.chi_squared),
-        "reduced_chi_squared": _finite(r.reduced_chi_squared),
+        "chi_squared": finite_or_none(r.chi_squared),
+        "reduced_chi_squared": finite_or_none(r.reduced_chi_squared),
         "n_points": r.n_points,
         "parameters": {
-            n: {"value": float(v), "uncertainty": _finite(u)}
+            n: {"value": float(v), "uncertainty": finite_or_none(u)}
             for n, v, u in zip(names, r.physical, sd, strict=True)
         },
     }
@@ -538,7 +539,7 @@ def fit_sequential(
     γ̇·cos(phi0 − φ) enters), so its fit is ``not_identified`` and contributes nothing
     along that direction. The combination is generalised least squares with the full
     covariances, θ = (Σ F_k)⁻¹ Σ F_k θ_k (log D0, log γ̇0 as in the solver;
-    :func:`~homodyne_steps.nlsq.combine_information`), with covariance (Σ_k F_k)⁻¹
+    :func:`~homodyne_steps.identification.combine_information`), with covariance (Σ_k F_k)⁻¹
     evaluated at the combined θ (:func:`_at_combined`): inverse-variance weights
     without the covariances would mix directions an angle does not determine. It is
     ``not_identified`` (naming the parameters) if Σ F_k leaves directions undetermined.
@@ -559,29 +560,62 @@ def fit_sequential(
     per_angle = [
         _angle_record(float(phi[k]), r, prep.names, bool(used[k])) for k, (r, _) in enumerate(fits)
     ]
+    results, comb, at = _combine_angles(prep, fits, used, registry)
+    consistency = _consistency(results, at.chi2[used], comb.rank)
+    n_full = sum(r.converged for r, _ in fits)
+    status, reason = _sequential_verdict(int(used.sum()), n_full, phi.size, s, comb, consistency)
+    combined = _sequential_result(prep, fits, comb, at, (status, reason), registry)
+    out = NlsqOutcome(
+        mode=prep.mode,
+        names=prep.names,
+        result=combined,
+        phi_deg=phi,
+        sigma_lag=prep.sigma_lag,
+        strategy="sequential",
+        scaling_mode="varpro",
+        uncertainties=np.sqrt(np.abs(np.diag(at.covariance))),
+        chi2_per_angle=at.chi2,
+        diagnostics={"n_chunks": None, "note": "one problem per angle"},
+        per_angle_fits=per_angle,
+    )
+    out.diagnostics["success_rate"] = float(used.mean())
+    out.diagnostics["identified_alone"] = n_full
+    out.diagnostics["consistency"] = consistency
+    return out
+
+
+def _combine_angles(prep: _Prepared, fits, used: np.ndarray, registry: Registry):
+    """(the used angles' results, their combination, every angle at the combined θ).
+
+    A parameter the angles' optima identify but the information at θ does not is
+    reported missing too.
+    """
     results = [r for (r, _), u in zip(fits, used, strict=True) if u]
     comb = _combine(prep, results, registry)
-    theta = comb.theta
-    at = _at_combined(prep, fits, used, theta)
-    chi2_k, contrast, offset, cov = at.chi2, at.contrast, at.offset, at.covariance
+    at = _at_combined(prep, fits, used, comb.theta)
     if set(at.missing) - set(comb.missing):  # identified by the angles' optima, not at θ
         missing = set(at.missing) | set(comb.missing)
         comb = comb._replace(missing=tuple(n for n in prep.names if n in missing), why=at.why)
-    consistency = _consistency(results, chi2_k[used], comb.rank)
-    n_full = sum(r.converged for r, _ in fits)
-    status, reason = _sequential_verdict(int(used.sum()), n_full, phi.size, s, comb, consistency)
+    return results, comb, at
+
+
+def _sequential_result(
+    prep: _Prepared, fits, comb: _Combined, at: _AtCombined, verdict, registry: Registry
+) -> FitResult:
+    """The combined fit as one :class:`FitResult` (its counts summed over the angles)."""
+    theta, n_phi = comb.theta, len(fits)
+    status, reason = verdict
     lo, hi = registry.bounds(prep.names)
-    unc = np.sqrt(np.abs(np.diag(cov)))
-    combined = FitResult(
+    return FitResult(
         physical=theta,
         psi=np.zeros(0),
-        contrast=contrast,
-        offset=offset,
-        chi_squared=float(chi2_k.sum()),
+        contrast=at.contrast,
+        offset=at.offset,
+        chi_squared=float(at.chi2.sum()),
         n_points=int(sum(r.n_points for r, _ in fits)),
-        n_fitted=int(np.sum(~prep.fixed)) + 2 * phi.size,
-        covariance=np.full((len(prep.names) + 2 * phi.size,) * 2, np.nan),
-        covariance_x=cov,
+        n_fitted=int(np.sum(~prep.fixed)) + 2 * n_phi,
+        covariance=np.full((len(prep.names) + 2 * n_phi,) * 2, np.nan),
+        covariance_x=at.covariance,
         free=~prep.fixed,
         at_lower=theta <= lo,
         at_upper=theta >= hi,
@@ -593,23 +627,6 @@ def fit_sequential(
         timings={"total_s": float(sum(r.timings["total_s"] for r, _ in fits))},
         not_identified=comb.missing,
     )
-    out = NlsqOutcome(
-        mode=prep.mode,
-        names=prep.names,
-        result=combined,
-        phi_deg=phi,
-        sigma_lag=prep.sigma_lag,
-        strategy="sequential",
-        scaling_mode="varpro",
-        uncertainties=unc,
-        chi2_per_angle=chi2_k,
-        diagnostics={"n_chunks": None, "note": "one problem per angle"},
-        per_angle_fits=per_angle,
-    )
-    out.diagnostics["success_rate"] = float(used.mean())
-    out.diagnostics["identified_alone"] = n_full
-    out.diagnostics["consistency"] = consistency
-    return out
 
 
 def fit(
@@ -641,10 +658,10 @@ def scaling_flags(
     for c, o in zip(np.asarray(contrast, float), np.asarray(offset, float), strict=True):
         flags = []
         if not (c > 0 and c_lo <= c <= c_hi):
-            flags.append({"flag": "contrast_out_of_range", "value": _finite(c),
+            flags.append({"flag": "contrast_out_of_range", "value": finite_or_none(c),
                           "allowed": c_allowed})  # fmt: skip
         if not o_lo <= o <= o_hi:
-            flags.append({"flag": "offset_out_of_range", "value": _finite(o),
+            flags.append({"flag": "offset_out_of_range", "value": finite_or_none(o),
                           "allowed": f"[{o_lo:g}, {o_hi:g}]"})  # fmt: skip
         out.append(flags)
     return out
@@ -662,10 +679,6 @@ def quality_flag(out: NlsqOutcome, registry: Registry = REGISTRY) -> str:
     return "warning"
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
-
-
 def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[str, Any]:
     r = out.result
     p = len(out.names)
@@ -678,7 +691,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[s
         "parameters": {
             name: {
                 "value": float(r.physical[k]),
-                "uncertainty": _finite(out.uncertainties[k]),
+                "uncertainty": finite_or_none(out.uncertainties[k]),
                 "unit": registry[name].unit,
                 "at_bound": bool(r.at_lower[k] or r.at_upper[k]),
                 "fixed": bool(not r.free[k]),
@@ -689,8 +702,11 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[s
         "per_angle": [
             {
                 "phi_deg": float(out.phi_deg[k]),
-                "contrast": {"value": float(r.contrast[k]), "uncertainty": _finite(c_unc[k])},
-                "offset": {"value": float(r.offset[k]), "uncertainty": _finite(o_unc[k])},
+                "contrast": {
+                    "value": float(r.contrast[k]),
+                    "uncertainty": finite_or_none(c_unc[k]),
+                },
+                "offset": {"value": float(r.offset[k]), "uncertainty": finite_or_none(o_unc[k])},
                 "chi_squared": float(out.chi2_per_angle[k]),
                 "flags": flags[k],
             }
@@ -713,7 +729,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[s
 
 
 def _finite_or_null(matrix: np.ndarray) -> list[list[float | None]]:
-    return [[float(x) if np.isfinite(x) else None for x in row] for row in np.asarray(matrix)]
+    return [[finite_or_none(x) for x in row] for row in np.asarray(matrix)]
 
 
 def write_outputs(
@@ -723,15 +739,30 @@ def write_outputs(
     L: float,
     registry: Registry = REGISTRY,
 ) -> None:
+    """The four output files into ``out_dir``; ``parameters.json`` last."""
     out_dir = Path(out_dir)
     r = out.result
     params = parameters_record(out, registry)
+    analysis = analysis_record(out, data, L, registry)
+    convergence = convergence_record(out, registry)
+    write_fitted_data(out_dir / "fitted_data.npz", data, L, r.physical, r.contrast, r.offset,
+                      out.sigma_lag)  # fmt: skip
+    write_json(out_dir / "analysis_results_nlsq.json", analysis)
+    write_json(out_dir / "convergence_metrics.json", convergence)
+    write_json(out_dir / "parameters.json", params)  # last: the workflow's sentinel
+
+
+def analysis_record(
+    out: NlsqOutcome, data: XpcsData, L: float, registry: Registry = REGISTRY
+) -> dict[str, Any]:
+    """``analysis_results_nlsq.json``: fit quality, data, covariance and correlation."""
+    r = out.result
     names = list(out.names)
     cov = r.covariance_x[: len(names), : len(names)]
     sd = np.sqrt(np.abs(np.diag(cov)))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sd, sd)
-    analysis = {
+    return {
         "schema_version": SCHEMA_VERSION,
         "method": "nlsq",
         "strategy": out.strategy,
@@ -768,9 +799,14 @@ def write_outputs(
         "multistart": out.multistart,
         "sequential": out.per_angle_fits,
     }
+
+
+def convergence_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[str, Any]:
+    """``convergence_metrics.json``: how the solver got there, and on what machine."""
     import jax
 
-    convergence = {
+    r = out.result
+    return {
         "schema_version": SCHEMA_VERSION,
         "convergence": {
             "status": r.status,
@@ -792,53 +828,6 @@ def write_outputs(
             "homodyne_steps": __version__,
         },
     }
-    write_fitted_data(out_dir / "fitted_data.npz", data, L, r.physical, r.contrast, r.offset,
-                      out.sigma_lag)  # fmt: skip
-    write_json(out_dir / "analysis_results_nlsq.json", analysis)
-    write_json(out_dir / "convergence_metrics.json", convergence)
-    write_json(out_dir / "parameters.json", params)  # last: the workflow's sentinel
-
-
-def write_fitted_data(
-    path: str | os.PathLike[str],
-    data: XpcsData,
-    L: float,
-    physical: np.ndarray,
-    contrast: np.ndarray,
-    offset: np.ndarray,
-    sigma_lag: np.ndarray,
-) -> None:
-    """The model at ``physical`` with per-angle scaling, beside the data (seed §9 keys).
-
-    ``c2_theoretical_raw`` is g1² (contrast 1, offset 0); ``residuals_normalized`` uses
-    the fit's noise model σ(angle, lag). Large arrays are produced one at a time.
-    """
-    grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt)
-    ones = jnp.ones(data.n_phi)
-    c2_raw = np.asarray(c2_matrix(jnp.asarray(physical), ones, 0.0 * ones, grid))  # g1²
-    lag = np.abs(np.arange(data.n_t)[:, None] - np.arange(data.n_t)[None, :])
-    contrast, offset = np.asarray(contrast, float), np.asarray(offset, float)
-
-    def scaled() -> np.ndarray:
-        return offset[:, None, None] + contrast[:, None, None] * c2_raw
-
-    def normalized() -> np.ndarray:
-        return (data.c2_exp - scaled()) / sigma_lag[:, lag]
-
-    write_npz(
-        path,
-        phi_angles=data.phi_angles_list,
-        c2_exp=data.c2_exp,
-        c2_theoretical_raw=c2_raw,
-        c2_theoretical_scaled=scaled,
-        per_angle_scaling=np.stack([contrast, offset], axis=1),
-        residuals=lambda: data.c2_exp - scaled(),
-        residuals_normalized=normalized,
-        sigma_per_lag=sigma_lag,
-        t1=data.t1,
-        t2=data.t2,
-        q=np.array([data.q]),
-    )
 
 
 def nlsq_stage(

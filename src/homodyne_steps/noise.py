@@ -225,15 +225,40 @@ def estimate_sigma_per_lag(c2: np.ndarray, min_samples: int = DEFAULT_MIN_SAMPLE
         raise ConfigError(f"min_samples: expected an integer, got {min_samples!r}")
     if min_samples < 2:
         raise ConfigError(f"min_samples: must be >= 2, got {min_samples}")
+    sigma, counts = _band_sigmas(c2)
+    totals = counts.sum(axis=1)
+    for a in range(c2.shape[0]):
+        if totals[a] < min_samples:
+            raise DataError(
+                f"angle index {a}: only {int(totals[a])} finite neighbour differences along "
+                f"the lag bands of c2 (need >= {min_samples} to estimate the noise); "
+                "is the angle empty or mostly NaN?"
+            )
+    _pool_short_bands(c2, sigma, _pool_windows(counts, min_samples))
+    sigma[:, 0] = np.nan
+    bad = ~(sigma[:, 1:] > 0)  # zero or NaN
+    if bad.any():
+        a, k = (int(x) for x in np.argwhere(bad)[0])
+        raise DataError(
+            f"angle index {a}, lag {k + 1}: noise estimate is {sigma[a, k + 1]!r}; the data "
+            "have no scatter along the lag band (noise-free or constant c2?) and cannot be "
+            "used to weight a fit — use a fixed sigma instead"
+        )
+    return sigma
+
+
+def _band_sigmas(c2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """σ and the count of finite differences of every band on its own, (n_phi, n_t) each.
+
+    Vectorised over angles, one Python step per lag. The bands are first copied, a block
+    of lags at a time, from a strided "skew" view skew[a, k, i] = c2[a, i, i + k]
+    (i <= n_t − 2; entries with i + k >= n_t are other in-bounds elements, never read)
+    into contiguous rows: reading np.diagonal of a large matrix element by element is
+    dominated by cache and TLB misses. Lag n_t − 1 is a single element: count 0.
+    """
     n_phi, n_t, _ = c2.shape
     sigma = np.full((n_phi, n_t), np.nan)
     counts = np.zeros((n_phi, n_t), dtype=np.int64)
-
-    # 1. Every band on its own (vectorised over angles; one Python step per lag). The
-    # bands are first copied, a block of lags at a time, from a strided "skew" view
-    # skew[a, k, i] = c2[a, i, i + k] (i <= n_t − 2; entries with i + k >= n_t are other
-    # in-bounds elements, never read) into contiguous rows: reading np.diagonal of a
-    # large matrix element by element is dominated by cache and TLB misses.
     skew = as_strided(
         c2,
         shape=(n_phi, n_t, n_t - 1),
@@ -246,53 +271,36 @@ def estimate_sigma_per_lag(c2: np.ndarray, min_samples: int = DEFAULT_MIN_SAMPLE
         for k in range(k0, k1):
             band = block[:, k - k0, : n_t - k]
             sigma[:, k], counts[:, k] = _row_mad_sigma(band[:, 1:] - band[:, :-1])
-    # lag n_t − 1 is a single element: no difference, count 0.
+    return sigma, counts
 
-    totals = counts.sum(axis=1)
-    for a in range(n_phi):
-        if totals[a] < min_samples:
-            raise DataError(
-                f"angle index {a}: only {int(totals[a])} finite neighbour differences along "
-                f"the lag bands of c2 (need >= {min_samples} to estimate the noise); "
-                "is the angle empty or mostly NaN?"
-            )
 
-    # 2. Short bands: pool adjacent lags until the window holds >= min_samples.
-    radius = _pool_windows(counts, min_samples)
+def _pool_short_bands(c2: np.ndarray, sigma: np.ndarray, radius: np.ndarray) -> None:
+    """Short bands (``radius`` > 0): σ of the pooled window of adjacent lags, in place."""
+    n_t = c2.shape[1]
     pooled_lags = np.nonzero((radius > 0).any(axis=0))[0]
-    if pooled_lags.size:
-        lags = np.arange(n_t)
-        lo_all = np.maximum(lags[None, :] - radius, 1)
-        hi_all = np.minimum(lags[None, :] + radius, n_t - 1)
-        first = int(lo_all[:, pooled_lags].min())
-        # Differences of bands first .. n_t − 2, concatenated: band l occupies columns
-        # offsets[l - first] .. offsets[l - first + 1] (contiguous, so a lag window is a
-        # column slice).
-        band_lags = np.arange(first, n_t)
-        lengths = np.maximum(n_t - band_lags - 1, 0)
-        offsets = np.concatenate(([0], np.cumsum(lengths)))
-        flat = np.concatenate([_band_differences(c2, int(k)) for k in band_lags], axis=1)
-        column_lag = np.repeat(band_lags, lengths)
-        for k in pooled_lags:
-            angles = np.nonzero(radius[:, k] > 0)[0]
-            lo, hi = lo_all[angles, k], hi_all[angles, k]
-            start = offsets[lo.min() - first]
-            stop = offsets[hi.max() - first + 1]
-            d = flat[angles, start:stop]
-            cl = column_lag[start:stop][None, :]
-            d = np.where((cl >= lo[:, None]) & (cl <= hi[:, None]), d, np.nan)
-            sigma[angles, k], _ = _row_mad_sigma(d)
-
-    sigma[:, 0] = np.nan
-    bad = ~(sigma[:, 1:] > 0)  # zero or NaN
-    if bad.any():
-        a, k = (int(x) for x in np.argwhere(bad)[0])
-        raise DataError(
-            f"angle index {a}, lag {k + 1}: noise estimate is {sigma[a, k + 1]!r}; the data "
-            "have no scatter along the lag band (noise-free or constant c2?) and cannot be "
-            "used to weight a fit — use a fixed sigma instead"
-        )
-    return sigma
+    if not pooled_lags.size:
+        return
+    lags = np.arange(n_t)
+    lo_all = np.maximum(lags[None, :] - radius, 1)
+    hi_all = np.minimum(lags[None, :] + radius, n_t - 1)
+    first = int(lo_all[:, pooled_lags].min())
+    # Differences of bands first .. n_t − 2, concatenated: band l occupies columns
+    # offsets[l - first] .. offsets[l - first + 1] (contiguous, so a lag window is a
+    # column slice).
+    band_lags = np.arange(first, n_t)
+    lengths = np.maximum(n_t - band_lags - 1, 0)
+    offsets = np.concatenate(([0], np.cumsum(lengths)))
+    flat = np.concatenate([_band_differences(c2, int(k)) for k in band_lags], axis=1)
+    column_lag = np.repeat(band_lags, lengths)
+    for k in pooled_lags:
+        angles = np.nonzero(radius[:, k] > 0)[0]
+        lo, hi = lo_all[angles, k], hi_all[angles, k]
+        start = offsets[lo.min() - first]
+        stop = offsets[hi.max() - first + 1]
+        d = flat[angles, start:stop]
+        cl = column_lag[start:stop][None, :]
+        d = np.where((cl >= lo[:, None]) & (cl <= hi[:, None]), d, np.nan)
+        sigma[angles, k], _ = _row_mad_sigma(d)
 
 
 def sigma_for_pairs(sigma_lag: np.ndarray, i: Any, j: Any, a: Any) -> np.ndarray:

@@ -365,6 +365,89 @@ def _nlsq_values(path: Path | None) -> dict[str, tuple[float, float | None]]:
     return out
 
 
+def _read_cmc_records(cmc_dir: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The CMC parameters and combination report of ``cmc_dir``, and its analysis mode."""
+    params = read_record(cmc_dir / "parameters.json", "CMC parameters")
+    report = read_record(cmc_dir / "combination_report.json", "CMC combination report")
+    try:
+        mode = canonical_mode(params["analysis_mode"])
+    except (KeyError, ValueError) as exc:
+        raise PlotError(f"{cmc_dir / 'parameters.json'}: no valid analysis_mode ({exc})") from None
+    return params, report, mode
+
+
+def _read_shards(paths: Sequence[Path], names: Sequence[str], report: dict[str, Any]):
+    """The shards' posteriors and their labels (``shard k``, `` (excluded)`` if not kept)."""
+    kept = {row.get("shard"): row.get("kept", True) for row in report.get("per_shard") or []}
+    shards, labels = [], []
+    for path in paths:
+        idata = read_idata(path, names, "CMC shard")
+        k = idata.posterior.attrs.get("shard", path.stem)
+        k = int(k) if isinstance(k, int | np.integer) else k
+        shards.append(idata)
+        labels.append(f"shard {k}" + ("" if kept.get(k, True) else " (excluded)"))
+    return shards, labels
+
+
+def _headline(report: dict[str, Any], status: str | None, shown: int, total: int):
+    """The title head (method, shards, status) and the note when not all shards are shown."""
+    head = (
+        f"CMC {report.get('method', '')}, {report.get('num_shards', total)} shards: "
+        f"{status or 'status unknown'}"
+    )
+    note = f" (first {shown} of {total} shards shown)" if shown < total else ""
+    return head, note
+
+
+def _draw_figures(figs, post, shards, labels, names, nlsq, ess_warn, head, note, status) -> None:
+    """Draws and saves the seven CMC figures, in the index's order, titled ``head``."""
+    fig, size = trace(post, names)
+    _title(fig, head + ": trace of the combined posterior", status)
+    figs.save(fig, "trace.png", size, "trace plot", "combined draws per chain and densities")
+    fig, size = rank(post, names)
+    _title(fig, head + ": rank plots (flat = chains mix)", status)
+    figs.save(fig, "rank.png", size, "rank plot", "rank histograms of the chains")
+    fig, size = pair(post, names, {n: v for n, (v, _) in nlsq.items()})
+    _title(fig, head + ": pair plot (red × = NLSQ optimum)", status)
+    figs.save(
+        fig,
+        "pair.png",
+        size,
+        "pair plot",
+        "pairwise scatter and marginals of the combined posterior, NLSQ optimum",
+    )
+    fig, size = forest(post, shards, labels, names, nlsq)
+    _title(fig, head + f": {int(HDI_PROB * 100)} % HDI, combined and per shard" + note, status)
+    figs.save(
+        fig,
+        "forest.png",
+        size,
+        "forest plot",
+        "94 % HDI of the combined posterior and each shard, NLSQ value ± 1 sigma",
+    )
+    fig, size = energy(shards, labels)
+    _title(fig, head + ": energy per shard (BFMI < 0.3: poor exploration)" + note, status)
+    figs.save(
+        fig,
+        "energy.png",
+        size,
+        "energy plot",
+        "marginal and transition energy per shard, with BFMI",
+    )
+    fig, size = ess(post, names, ess_warn)
+    _title(fig, head + f": ESS as draws accumulate (line: {ess_warn:g})", status)
+    figs.save(fig, "ess.png", size, "ESS evolution", "bulk and tail ESS vs draws")
+    fig, size = shard_densities(post, shards, labels, names)
+    _title(fig, head + ": shard posteriors against the combined one" + note, status)
+    figs.save(
+        fig,
+        "shard_posteriors.png",
+        size,
+        "shard posteriors",
+        "posterior density of every shard and of the combination",
+    )
+
+
 def plot_cmc_stage(
     cmc_dir: str | os.PathLike[str],
     shard_files: Sequence[str | os.PathLike[str]],
@@ -379,85 +462,19 @@ def plot_cmc_stage(
 
     s = settings or PlotSettings()
     cmc_dir = Path(cmc_dir)
-    params = read_record(cmc_dir / "parameters.json", "CMC parameters")
-    report = read_record(cmc_dir / "combination_report.json", "CMC combination report")
-    try:
-        mode = canonical_mode(params["analysis_mode"])
-    except (KeyError, ValueError) as exc:
-        raise PlotError(f"{cmc_dir / 'parameters.json'}: no valid analysis_mode ({exc})") from None
+    params, report, mode = _read_cmc_records(cmc_dir)
     names = list(REGISTRY.physical_names(mode))
     post = read_idata(cmc_dir / "posterior.nc", names, "CMC posterior")
-    kept = {row.get("shard"): row.get("kept", True) for row in report.get("per_shard") or []}
     shard_paths = sorted((Path(p) for p in shard_files), key=lambda p: (len(p.stem), p.stem))
-    shown = shard_paths[: s.max_shards]
-    shards, labels = [], []
-    for path in shown:
-        idata = read_idata(path, names, "CMC shard")
-        k = idata.posterior.attrs.get("shard", path.stem)
-        k = int(k) if isinstance(k, int | np.integer) else k
-        shards.append(idata)
-        labels.append(f"shard {k}" + ("" if kept.get(k, True) else " (excluded)"))
+    shards, labels = _read_shards(shard_paths[: s.max_shards], names, report)
     nlsq = _nlsq_values(Path(nlsq_parameters) if nlsq_parameters else None)
-    conv = params.get("convergence") or {}
-    status = conv.get("status")
+    status = (params.get("convergence") or {}).get("status")
     ess_warn = float((report.get("settings") or {}).get("ess_warn", ESS_WARN))
-    head = (
-        f"CMC {report.get('method', '')}, {report.get('num_shards', len(shard_paths))} shards: "
-        f"{status or 'status unknown'}"
-    )
-    note = (
-        f" (first {len(shown)} of {len(shard_paths)} shards shown)"
-        if len(shown) < len(shard_paths)
-        else ""
-    )
+    head, note = _headline(report, status, len(shards), len(shard_paths))
     figs = new_figure_set(out_dir, s, "plot_cmc")
     with style(), az.rc_context(rc=ARVIZ_RC), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ warns about short chains, bandwidths, ...
-        fig, size = trace(post, names)
-        _title(fig, head + ": trace of the combined posterior", status)
-        figs.save(fig, "trace.png", size, "trace plot", "combined draws per chain and densities")
-        fig, size = rank(post, names)
-        _title(fig, head + ": rank plots (flat = chains mix)", status)
-        figs.save(fig, "rank.png", size, "rank plot", "rank histograms of the chains")
-        fig, size = pair(post, names, {n: v for n, (v, _) in nlsq.items()})
-        _title(fig, head + ": pair plot (red × = NLSQ optimum)", status)
-        figs.save(
-            fig,
-            "pair.png",
-            size,
-            "pair plot",
-            "pairwise scatter and marginals of the combined posterior, NLSQ optimum",
-        )
-        fig, size = forest(post, shards, labels, names, nlsq)
-        _title(fig, head + f": {int(HDI_PROB * 100)} % HDI, combined and per shard" + note, status)
-        figs.save(
-            fig,
-            "forest.png",
-            size,
-            "forest plot",
-            "94 % HDI of the combined posterior and each shard, NLSQ value ± 1 sigma",
-        )
-        fig, size = energy(shards, labels)
-        _title(fig, head + ": energy per shard (BFMI < 0.3: poor exploration)" + note, status)
-        figs.save(
-            fig,
-            "energy.png",
-            size,
-            "energy plot",
-            "marginal and transition energy per shard, with BFMI",
-        )
-        fig, size = ess(post, names, ess_warn)
-        _title(fig, head + f": ESS as draws accumulate (line: {ess_warn:g})", status)
-        figs.save(fig, "ess.png", size, "ESS evolution", "bulk and tail ESS vs draws")
-        fig, size = shard_densities(post, shards, labels, names)
-        _title(fig, head + ": shard posteriors against the combined one" + note, status)
-        figs.save(
-            fig,
-            "shard_posteriors.png",
-            size,
-            "shard posteriors",
-            "posterior density of every shard and of the combination",
-        )
+        _draw_figures(figs, post, shards, labels, names, nlsq, ess_warn, head, note, status)
     return figs.finish(
         inputs={"cmc_dir": str(cmc_dir), "shards": [str(p) for p in shard_paths]},
         analysis_mode=mode,

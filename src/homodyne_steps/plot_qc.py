@@ -22,7 +22,7 @@ from homodyne_steps.plot_common import (
     status_colour,
     style,
 )
-from homodyne_steps.qc import DEDUCTIONS, FATAL_CHECKS
+from homodyne_steps.qc_rules import DEDUCTIONS, FATAL_CHECKS
 
 PAGE_SIZE = (11.0, 7.5)
 CHECKPOINTS = ("raw", "filtered", "preprocessed", "final")
@@ -81,27 +81,27 @@ def _lines(report: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def qc_page(report: dict[str, Any], dataset: str | None = None):
-    overall = report["overall"]
-    thresholds = report.get("thresholds") or {}
+def _page_axes():
+    """The page and its three panels: scores (top left), deductions (top right), text."""
     fig = plt.figure(figsize=PAGE_SIZE)
     w, h = PAGE_SIZE  # margins in inches (a layout engine costs ~0.3 s)
     gs = fig.add_gridspec(2, 2, height_ratios=[1.0, 0.95], width_ratios=[1.2, 1.0],
                           left=0.7 / w, right=1 - 0.2 / w, top=1 - 0.6 / h, bottom=0.15 / h,
                           hspace=0.3, wspace=0.3)  # fmt: skip
-    ax_scores = fig.add_subplot(gs[0, 0])
-    ax_deduct = fig.add_subplot(gs[0, 1])
-    ax_text = fig.add_subplot(gs[1, :])
+    return fig, fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1]), fig.add_subplot(gs[1, :])
 
-    # Scores per checkpoint against the thresholds.
+
+def _score_panel(ax, report: dict[str, Any]) -> None:
+    """Draws the score at each checkpoint as bars against the pass/warn/excellent lines."""
+    thresholds = report.get("thresholds") or {}
     scores = [(report["checkpoints"].get(c) or {}).get("score") for c in CHECKPOINTS]
     labels = [(report["checkpoints"].get(c) or {}).get("label") for c in CHECKPOINTS]
     x = range(len(CHECKPOINTS))
-    bars = ax_scores.bar(
+    bars = ax.bar(
         x, [s or 0 for s in scores], color=[status_colour(lab) for lab in labels], width=0.6
     )
     for b, s, lab in zip(bars, scores, labels, strict=True):
-        ax_scores.text(
+        ax.text(
             b.get_x() + b.get_width() / 2,
             (s or 0) + 1.5,
             "n/a" if s is None else f"{s:.1f}\n{lab}",
@@ -111,8 +111,8 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
         )
     for key, style_ in (("pass", ":"), ("warn", "--"), ("excellent", "-.")):
         if key in thresholds:
-            ax_scores.axhline(thresholds[key], color="0.3", ls=style_, lw=1)
-            ax_scores.text(
+            ax.axhline(thresholds[key], color="0.3", ls=style_, lw=1)
+            ax.text(
                 len(CHECKPOINTS) + 0.25,
                 thresholds[key] + 0.8,
                 f"{key} {thresholds[key]:g}",
@@ -121,13 +121,15 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
                 fontsize=8,
                 color="0.3",
             )
-    ax_scores.set_xticks(list(x), CHECKPOINTS)
-    ax_scores.set_ylim(0, 118)
-    ax_scores.set_xlim(-0.6, len(CHECKPOINTS) + 0.3)
-    ax_scores.set_ylabel("QC score (0–100)")
-    ax_scores.set_title("score at each checkpoint")
+    ax.set_xticks(list(x), CHECKPOINTS)
+    ax.set_ylim(0, 118)
+    ax.set_xlim(-0.6, len(CHECKPOINTS) + 0.3)
+    ax.set_ylabel("QC score (0–100)")
+    ax.set_title("score at each checkpoint")
 
-    # Points each check took at the final checkpoint, out of its maximum.
+
+def _deduction_panel(ax, report: dict[str, Any]) -> None:
+    """Draws the points each check took at the final checkpoint, out of its maximum."""
     deductions = (report["checkpoints"].get("final") or {}).get("deductions") or {}
     # A dataset-level verdict takes all 100 points: shown only when it was taken, so the
     # usual checks keep a readable scale.
@@ -136,10 +138,10 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
     y = range(len(checks))
     top = [DEDUCTIONS[k] if k in DEDUCTIONS else deductions[k] for k in checks]
     took = [float(deductions.get(k, 0.0)) for k in checks]
-    ax_deduct.barh(y, top, color="0.9", height=0.7)
-    ax_deduct.barh(y, took, color=status_colour("warn"), height=0.7)
+    ax.barh(y, top, color="0.9", height=0.7)
+    ax.barh(y, took, color=status_colour("warn"), height=0.7)
     for k, (t, m) in enumerate(zip(took, top, strict=True)):
-        ax_deduct.text(
+        ax.text(
             m + 0.8,
             k,
             f"−{t:g}" if t else "passed",
@@ -147,15 +149,16 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
             fontsize=8,
             color=status_colour("warn" if t else "good"),
         )
-    ax_deduct.set_yticks(list(y), checks, fontsize=8.5)
-    ax_deduct.invert_yaxis()
-    ax_deduct.set_xlim(0, max(top) * 1.3)
-    ax_deduct.set_xlabel("points deducted (grey: the most a check can take)")
-    ax_deduct.set_title("checks at the final checkpoint")
+    ax.set_yticks(list(y), checks, fontsize=8.5)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(top) * 1.3)
+    ax.set_xlabel("points deducted (grey: the most a check can take)")
+    ax.set_title("checks at the final checkpoint")
 
-    # Issues, recommendations, repairs.
-    ax_text.set_axis_off()
-    lines = _lines(report)
+
+def _text_panel(ax, lines: list[tuple[str, str]]) -> None:
+    """Writes the issue/recommendation/repair lines, wrapped, cut to ``MAX_LINES``."""
+    ax.set_axis_off()
     wrapped: list[tuple[str, str]] = []
     for colour, text in lines:
         for piece in textwrap.wrap(text, WRAP, subsequent_indent="      ") or [""]:
@@ -165,7 +168,7 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
         wrapped = wrapped[: MAX_LINES - 1] + [("0.3", f"... {rest} more lines in qc_report.json")]
     step = 1.0 / max(MAX_LINES, len(wrapped))
     for k, (colour, text) in enumerate(wrapped):
-        ax_text.text(
+        ax.text(
             0.0,
             1.0 - k * step,
             text,
@@ -173,9 +176,12 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
             fontsize=8.5,
             va="top",
             family="monospace",
-            transform=ax_text.transAxes,
+            transform=ax.transAxes,
         )
 
+
+def _page_title(fig, overall: dict[str, Any], dataset: str | None) -> None:
+    """Writes the page title: overall score, label and status, coloured by the status."""
     name = f"{dataset}: " if dataset else ""
     fig.suptitle(
         f"{name}QC score {overall.get('score', float('nan')):.1f} / 100 — {overall.get('label')} "
@@ -184,6 +190,16 @@ def qc_page(report: dict[str, Any], dataset: str | None = None):
         fontsize=14,
         fontweight="bold",
     )
+
+
+def qc_page(report: dict[str, Any], dataset: str | None = None):
+    """Draws the QC summary page of ``report`` (scores, deductions, issues, title)."""
+    overall = report["overall"]
+    fig, ax_scores, ax_deduct, ax_text = _page_axes()
+    _score_panel(ax_scores, report)
+    _deduction_panel(ax_deduct, report)
+    _text_panel(ax_text, _lines(report))
+    _page_title(fig, overall, dataset)
     return fig
 
 

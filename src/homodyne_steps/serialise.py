@@ -101,20 +101,37 @@ def _umask() -> int:
     return mask
 
 
-def to_jsonable(value: Any, *, where: str = "$") -> Any:
-    """Convert numpy scalars/arrays and paths to JSON types; reject NaN/Inf with its path."""
+def finite_or_none(x: Any) -> float | None:
+    """``x`` as a float when it is a finite number, else None (JSON has no NaN: null)."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def to_jsonable(value: Any, *, where: str = "$", null_non_finite: bool = False) -> Any:
+    """Convert numpy scalars/arrays and paths to JSON types.
+
+    NaN/Inf is refused, naming its path, unless ``null_non_finite``: then it becomes null
+    (for records that hold undefined numbers by design, e.g. the heterogeneity p-value of
+    a single kept CMC shard).
+    """
+    nested = {"null_non_finite": null_non_finite}
     if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v, where=f"{where}.{k}") for k, v in value.items()}
+        return {str(k): to_jsonable(v, where=f"{where}.{k}", **nested) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [to_jsonable(v, where=f"{where}[{k}]") for k, v in enumerate(value)]
+        return [to_jsonable(v, where=f"{where}[{k}]", **nested) for k, v in enumerate(value)]
     if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist(), where=where)
+        return to_jsonable(value.tolist(), where=where, **nested)
     if isinstance(value, bool | np.bool_):
         return bool(value)
     if isinstance(value, int | np.integer):
         return int(value)
     if isinstance(value, float | np.floating):
         x = float(value)
+        if not math.isfinite(x) and null_non_finite:
+            return None
         if not math.isfinite(x):
             raise SerialisationError(
                 f"cannot write non-finite number {x} at {where} to JSON; "

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from homodyne_steps import __version__
-from homodyne_steps.codegraph import PACKAGE_DIR, stage_modules
+from homodyne_steps.codegraph import module_path, stage_modules
 from homodyne_steps.errors import ConfigError
 
 # The stages that run as `homodyne-steps <stage>`; each one's code is its import closure.
@@ -284,5 +284,5 @@ def code_fingerprint(stage: str) -> str:
     digest = hashlib.sha256()
     for name in stage_modules(stage):
         digest.update(name.encode() + b"\0")
-        digest.update((PACKAGE_DIR / f"{name}.py").read_bytes())
+        digest.update(module_path(name).read_bytes())
     return f"{__version__}+{digest.hexdigest()[:12]}"

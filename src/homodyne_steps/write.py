@@ -109,46 +109,67 @@ def _scaling_out_of_range(per_angle: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
-def summary_row(results_dir: str | os.PathLike[str], dataset: str) -> dict[str, Any]:
-    """One dataset's row, nested by section (``flat_row`` makes the table row)."""
-    files = dataset_files(results_dir, dataset)
-    loaded = _read(files["loaded"], "load record", dataset)
-    qc = _read(files["qc"], "QC report", dataset)
-    nlsq = _read(files["nlsq"], "NLSQ parameters", dataset)
-    nlsq_an = _read(files["nlsq_analysis"], "NLSQ analysis", dataset)
-    cmc = _read(files["cmc"], "CMC parameters", dataset, required=False)
-    cmc_an = _read(files["cmc_analysis"], "CMC analysis", dataset, required=cmc is not None)
-    cmc_rep = _read(
-        files["cmc_report"], "CMC combination report", dataset, required=cmc is not None
+def _read_records(files: Mapping[str, Path], dataset: str) -> dict[str, dict[str, Any] | None]:
+    """The dataset's JSON records, keyed as ``dataset_files`` (the CMC ones None if not run)."""
+    records = {
+        "loaded": _read(files["loaded"], "load record", dataset),
+        "qc": _read(files["qc"], "QC report", dataset),
+        "nlsq": _read(files["nlsq"], "NLSQ parameters", dataset),
+        "nlsq_analysis": _read(files["nlsq_analysis"], "NLSQ analysis", dataset),
+        "cmc": _read(files["cmc"], "CMC parameters", dataset, required=False),
+    }
+    ran = records["cmc"] is not None
+    records["cmc_analysis"] = _read(files["cmc_analysis"], "CMC analysis", dataset, required=ran)
+    records["cmc_report"] = _read(
+        files["cmc_report"], "CMC combination report", dataset, required=ran
     )
+    return records
+
+
+def _analysis_mode(nlsq: Mapping[str, Any], path: Path) -> str:
+    """The canonical analysis mode of the NLSQ parameters record at ``path``."""
     try:
-        mode = canonical_mode(_get(nlsq, "analysis_mode", path=files["nlsq"]))
+        return canonical_mode(_get(nlsq, "analysis_mode", path=path))
     except ValueError as exc:
-        raise SummaryError(f"{files['nlsq']}: {exc}") from None
-    names = REGISTRY.physical_names(mode)
-    info = _get(nlsq_an, "dataset_info", path=files["nlsq_analysis"])
-    overall = _get(qc, "overall", path=files["qc"])
+        raise SummaryError(f"{path}: {exc}") from None
+
+
+def _qc_section(
+    qc: Mapping[str, Any], overall: Mapping[str, Any]
+) -> tuple[dict[str, Any], str, list[str]]:
+    """The QC section (score, label, status, issue and repair counts), its quality, flags."""
     final = _get(qc, "checkpoints", "final", default={}) or {}
     flags: list[str] = []
-
-    # QC
-    qc_status = overall.get("status")
-    if qc_status in ("warn", "fail"):
-        flags.append(f"qc_{qc_status}")
+    status = overall.get("status")
+    if status in ("warn", "fail"):
+        flags.append(f"qc_{status}")
     issues = final.get("issues") or []
     if issues:
         flags.append(f"qc_issues:{len(issues)}")
     repairs = qc.get("repairs") or []
     if repairs:
         flags.append(f"qc_repaired:{len(repairs)}")
-    qc_quality = {"fail": "poor", "warn": "warning"}.get(qc_status, "good")
+    quality = {"fail": "poor", "warn": "warning"}.get(status, "good")
+    section = {
+        "score": overall.get("score"),
+        "label": overall.get("label"),
+        "status": status,
+        "issues": len(issues),
+        "repairs": len(repairs),
+    }
+    return section, quality, flags
 
-    # NLSQ
-    params = _get(nlsq, "parameters", path=files["nlsq"])
+
+def _nlsq_section(
+    nlsq: Mapping[str, Any], analysis: Mapping[str, Any], names: Sequence[str], path: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """The NLSQ section (status, quality flag, χ², values ± uncertainties) and its flags."""
+    params = _get(nlsq, "parameters", path=path)
     conv = nlsq.get("convergence") or {}
-    nlsq_flag = _get(nlsq_an, "fit_quality", "quality_flag") or (
+    quality = _get(analysis, "fit_quality", "quality_flag") or (
         "good" if conv.get("converged") else "poor"
     )
+    flags: list[str] = []
     if not conv.get("converged", False):
         flags.append("nlsq_not_converged")
     at_bound = [n for n in names if (params.get(n) or {}).get("at_bound")]
@@ -157,113 +178,151 @@ def summary_row(results_dir: str | os.PathLike[str], dataset: str) -> dict[str, 
     out_of_range = _scaling_out_of_range(nlsq.get("per_angle") or [])
     if out_of_range:
         flags.append("nlsq_scaling_out_of_range:" + ",".join(out_of_range))
-        nlsq_flag = _worst(nlsq_flag, "warning")
-    if nlsq_flag != "good":
-        flags.append(f"nlsq_{nlsq_flag}")
-    nlsq_values = {
-        n: ((params.get(n) or {}).get("value"), (params.get(n) or {}).get("uncertainty"))
+        quality = _worst(quality, "warning")
+    if quality != "good":
+        flags.append(f"nlsq_{quality}")
+    values = {
+        n: {
+            "value": (params.get(n) or {}).get("value"),
+            "uncertainty": (params.get(n) or {}).get("uncertainty"),
+        }
         for n in names
     }
+    section = {
+        "status": conv.get("status"),
+        "quality_flag": quality,
+        "reduced_chi_squared": nlsq.get("reduced_chi_squared"),
+        "chi_squared": nlsq.get("chi_squared"),
+        "degrees_of_freedom": nlsq.get("degrees_of_freedom"),
+        "parameters": values,
+    }
+    return section, flags
 
-    # CMC
-    cmc_values: dict[str, dict[str, Any]] = {}
-    cmc_part: dict[str, Any] = {"run": cmc is not None}
-    cmc_quality = None
+
+def _cmc_flags(
+    cconv: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    report: Mapping[str, Any],
+    comparison: Mapping[str, Any],
+    values: Mapping[str, Mapping[str, Any]],
+    names: Sequence[str],
+) -> list[str]:
+    """Flags of a CMC run: convergence, R-hat, ESS, divergences, shards, NLSQ agreement."""
+    flags: list[str] = []
+    status = cconv.get("status")
+    if status == "not_converged":
+        flags.append("cmc_not_converged")
+    elif status == "converged_with_warnings":
+        flags.append("cmc_warnings")
+    r_acc = settings.get("rhat_acceptable", 1.1)
+    high_r = [n for n in names if (values[n]["r_hat"] or 0) > r_acc]
+    if high_r:
+        flags.append("cmc_r_hat:" + ",".join(high_r))
+    ess_warn = settings.get("ess_warn", 400)
+    low_ess = [
+        n for n in names if values[n]["ess_bulk"] is not None and values[n]["ess_bulk"] < ess_warn
+    ]
+    if low_ess:
+        flags.append("cmc_low_ess:" + ",".join(low_ess))
+    if cconv.get("divergences"):
+        flags.append(f"cmc_divergences:{cconv['divergences']}")
+    excluded = report.get("excluded_shards") or []
+    if excluded:
+        flags.append(f"cmc_excluded_shards:{len(excluded)}")
+    het = (report.get("heterogeneity") or {}).get("heterogeneous_parameters") or []
+    if het:
+        flags.append("cmc_heterogeneous:" + ",".join(het))
+    if comparison.get("consistent") is False:
+        flags.append("cmc_vs_nlsq_disagree")
+    return flags
+
+
+def _cmc_section(
+    records: Mapping[str, Any], names: Sequence[str], path: Path
+) -> tuple[dict[str, Any], str | None, list[str]]:
+    """The CMC section (convergence summary, posterior statistics), its quality, flags."""
+    cmc, analysis, report = records["cmc"], records["cmc_analysis"], records["cmc_report"]
     if cmc is None:
-        flags.append("cmc_not_run")
-    else:
-        cparams = _get(cmc, "parameters", path=files["cmc"])
-        for n in names:
-            entry = cparams.get(n) or {}
-            cmc_values[n] = {col: entry.get(key) for col, key, _ in CMC_STATS}
-        cconv = cmc.get("convergence") or {}
-        settings = cmc_an.get("settings") or {}
-        status = cconv.get("status")
-        cmc_quality = CMC_QUALITY.get(cconv.get("quality_flag"))
-        if status == "not_converged":
-            flags.append("cmc_not_converged")
-        elif status == "converged_with_warnings":
-            flags.append("cmc_warnings")
-        r_acc = settings.get("rhat_acceptable", 1.1)
-        high_r = [n for n in names if (cmc_values[n]["r_hat"] or 0) > r_acc]
-        if high_r:
-            flags.append("cmc_r_hat:" + ",".join(high_r))
-        ess_warn = settings.get("ess_warn", 400)
-        low_ess = [
-            n
-            for n in names
-            if cmc_values[n]["ess_bulk"] is not None and cmc_values[n]["ess_bulk"] < ess_warn
-        ]
-        if low_ess:
-            flags.append("cmc_low_ess:" + ",".join(low_ess))
-        if cconv.get("divergences"):
-            flags.append(f"cmc_divergences:{cconv['divergences']}")
-        excluded = cmc_rep.get("excluded_shards") or []
-        if excluded:
-            flags.append(f"cmc_excluded_shards:{len(excluded)}")
-        het = (cmc_rep.get("heterogeneity") or {}).get("heterogeneous_parameters") or []
-        if het:
-            flags.append("cmc_heterogeneous:" + ",".join(het))
-        comparison = cmc_an.get("nlsq_comparison") or {}
-        if comparison.get("consistent") is False:
-            flags.append("cmc_vs_nlsq_disagree")
-        summ = cmc.get("sampling_summary") or {}
-        cmc_part.update(
-            status=status,
-            quality_flag=cconv.get("quality_flag"),
-            num_shards=summ.get("num_shards"),
-            num_shards_used=summ.get("num_shards_used"),
-            max_r_hat=cconv.get("max_r_hat"),
-            min_ess_bulk=cconv.get("min_ess"),
-            divergences=cconv.get("divergences"),
-            nlsq_max_abs_z=comparison.get("max_abs_z_score"),
-        )
+        return {"run": False, "parameters": {}}, None, ["cmc_not_run"]
+    cparams = _get(cmc, "parameters", path=path)
+    values = {n: {col: (cparams.get(n) or {}).get(key) for col, key, _ in CMC_STATS} for n in names}
+    cconv = cmc.get("convergence") or {}
+    settings = analysis.get("settings") or {}
+    quality = CMC_QUALITY.get(cconv.get("quality_flag"))
+    comparison = analysis.get("nlsq_comparison") or {}
+    flags = _cmc_flags(cconv, settings, report, comparison, values, names)
+    summ = cmc.get("sampling_summary") or {}
+    section = {
+        "run": True,
+        "status": cconv.get("status"),
+        "quality_flag": cconv.get("quality_flag"),
+        "num_shards": summ.get("num_shards"),
+        "num_shards_used": summ.get("num_shards_used"),
+        "max_r_hat": cconv.get("max_r_hat"),
+        "min_ess_bulk": cconv.get("min_ess"),
+        "divergences": cconv.get("divergences"),
+        "nlsq_max_abs_z": comparison.get("max_abs_z_score"),
+        "parameters": values,
+    }
+    return section, quality, flags
 
-    base = Path(results_dir) / dataset
+
+def _data_section(loaded: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
+    """The data section: source file and checksum, q, angles, frames, time step, gap."""
     source = loaded.get("source") or {}
-    phi = info.get("phi_deg") or []
+    return {
+        "source_file": source.get("path"),
+        "source_sha256": source.get("sha256"),
+        "q": info.get("q"),
+        "n_angles": info.get("n_angles"),
+        "phi_deg": info.get("phi_deg") or [],
+        "n_frames": info.get("n_time_points"),
+        "dt": info.get("dt"),
+        "L": info.get("L"),
+    }
+
+
+def _outputs_section(
+    results_dir: str | os.PathLike[str], dataset: str, files: Mapping[str, Path], cmc_run: bool
+) -> dict[str, str | None]:
+    """The outputs section: the dataset's result folders and main records (CMC: if run)."""
+    base = Path(results_dir) / dataset
+    return {
+        "data_dir": str(base / "data"),
+        "nlsq_dir": str(base / "nlsq"),
+        "cmc_dir": str(base / "cmc"),
+        "plots_dir": str(base / "plots"),
+        "qc_report": str(files["qc"]),
+        "nlsq_parameters": str(files["nlsq"]),
+        "cmc_parameters": str(files["cmc"]) if cmc_run else None,
+        "cmc_posterior": str(base / "cmc" / "posterior.nc") if cmc_run else None,
+    }
+
+
+def summary_row(results_dir: str | os.PathLike[str], dataset: str) -> dict[str, Any]:
+    """One dataset's row, nested by section (``flat_row`` makes the table row)."""
+    files = dataset_files(results_dir, dataset)
+    records = _read_records(files, dataset)
+    mode = _analysis_mode(records["nlsq"], files["nlsq"])
+    names = REGISTRY.physical_names(mode)
+    info = _get(records["nlsq_analysis"], "dataset_info", path=files["nlsq_analysis"])
+    overall = _get(records["qc"], "overall", path=files["qc"])
+    qc, qc_quality, qc_flags = _qc_section(records["qc"], overall)
+    nlsq, nlsq_flags = _nlsq_section(
+        records["nlsq"], records["nlsq_analysis"], names, files["nlsq"]
+    )
+    cmc, cmc_quality, cmc_flags = _cmc_section(records, names, files["cmc"])
     return {
         "dataset": dataset,
         "analysis_mode": mode,
         "parameter_names": list(names),
-        "data": {
-            "source_file": source.get("path"),
-            "source_sha256": source.get("sha256"),
-            "q": info.get("q"),
-            "n_angles": info.get("n_angles"),
-            "phi_deg": phi,
-            "n_frames": info.get("n_time_points"),
-            "dt": info.get("dt"),
-            "L": info.get("L"),
-        },
-        "qc": {
-            "score": overall.get("score"),
-            "label": overall.get("label"),
-            "status": qc_status,
-            "issues": len(issues),
-            "repairs": len(repairs),
-        },
-        "nlsq": {
-            "status": conv.get("status"),
-            "quality_flag": nlsq_flag,
-            "reduced_chi_squared": nlsq.get("reduced_chi_squared"),
-            "chi_squared": nlsq.get("chi_squared"),
-            "degrees_of_freedom": nlsq.get("degrees_of_freedom"),
-            "parameters": {n: {"value": v, "uncertainty": u} for n, (v, u) in nlsq_values.items()},
-        },
-        "cmc": {**cmc_part, "parameters": cmc_values},
-        "quality": _worst(qc_quality, nlsq_flag, cmc_quality),
-        "flags": flags,
-        "outputs": {
-            "data_dir": str(base / "data"),
-            "nlsq_dir": str(base / "nlsq"),
-            "cmc_dir": str(base / "cmc"),
-            "plots_dir": str(base / "plots"),
-            "qc_report": str(files["qc"]),
-            "nlsq_parameters": str(files["nlsq"]),
-            "cmc_parameters": str(files["cmc"]) if cmc is not None else None,
-            "cmc_posterior": str(base / "cmc" / "posterior.nc") if cmc is not None else None,
-        },
+        "data": _data_section(records["loaded"], info),
+        "qc": qc,
+        "nlsq": nlsq,
+        "cmc": cmc,
+        "quality": _worst(qc_quality, nlsq["quality_flag"], cmc_quality),
+        "flags": qc_flags + nlsq_flags + cmc_flags,
+        "outputs": _outputs_section(results_dir, dataset, files, records["cmc"] is not None),
     }
 
 
