@@ -26,7 +26,8 @@ import numpy as np
 from homodyne_steps.errors import HomodyneStepsError
 from homodyne_steps.filter import FilterSettings, filter_stage
 from homodyne_steps.load import load_stage
-from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
+from homodyne_steps.nlsq_settings import NlsqSettings
+from homodyne_steps.nlsq_stage import nlsq_stage
 from homodyne_steps.noise import estimate_sigma_per_lag
 from homodyne_steps.preprocess import preprocess_stage
 from homodyne_steps.preprocess_settings import PreprocessSettings

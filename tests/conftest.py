@@ -32,7 +32,8 @@ def build_dataset(results: Path, name: str, spec: dict) -> Path:
     from homodyne_steps.cmc_plan import ShardingSettings, cmc_plan_stage
     from homodyne_steps.filter import FilterSettings, filter_stage
     from homodyne_steps.load import load_stage
-    from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
+    from homodyne_steps.nlsq_settings import NlsqSettings
+    from homodyne_steps.nlsq_stage import nlsq_stage
     from homodyne_steps.preprocess import preprocess_stage
     from homodyne_steps.preprocess_settings import PreprocessSettings
     from homodyne_steps.qc import qc_stage

@@ -12,18 +12,14 @@ from homodyne_steps.cmc_plan import (
     cmc_plan_stage,
     sampled_parameter_count,
 )
-from homodyne_steps.cmc_shard import (
-    PriorSettings,
-    SamplerSettings,
-    cmc_shard_stage,
-    laplace_metric,
-    prepare_shard,
-    run_shard,
-)
+from homodyne_steps.cmc_shard import cmc_shard_stage, prepare_shard, run_shard
+from homodyne_steps.cmc_shard_settings import PriorSettings, SamplerSettings
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError
-from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
+from homodyne_steps.nlsq_settings import NlsqSettings
+from homodyne_steps.nlsq_stage import nlsq_stage
 from homodyne_steps.serialise import read_npz
+from homodyne_steps.shard_mode import laplace_metric
 from homodyne_steps.simulate import reference_settings, simulate_bins
 
 

@@ -24,7 +24,8 @@ from scipy.stats import truncnorm
 
 from homodyne_steps._jax import jax, jnp
 from homodyne_steps.cmc_combine import CombineSettings, combine_stage
-from homodyne_steps.cmc_shard import SamplerSettings, sample_shard
+from homodyne_steps.cmc_shard import sample_shard
+from homodyne_steps.cmc_shard_settings import SamplerSettings
 from homodyne_steps.cmc_space import (
     COMBINATION,
     log_abs_det,

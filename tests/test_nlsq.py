@@ -20,15 +20,10 @@ from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError
 from homodyne_steps.identification import combine_information, identify
 from homodyne_steps.model import compute_c2, make_grid, upper_triangle_pairs
-from homodyne_steps.nlsq_stage import (
-    OUTPUT_FILES,
-    FitFailed,
-    NlsqSettings,
-    fit,
-    nlsq_stage,
-    parameters_record,
-    quality_flag,
-)
+from homodyne_steps.nlsq_fit import fit
+from homodyne_steps.nlsq_records import parameters_record, quality_flag
+from homodyne_steps.nlsq_settings import NlsqSettings
+from homodyne_steps.nlsq_stage import OUTPUT_FILES, FitFailed, nlsq_stage
 from homodyne_steps.noise import NoiseSettings, noise_sigma
 from homodyne_steps.registry import REGISTRY
 from homodyne_steps.simulate import reference_settings, simulate_bins

@@ -114,7 +114,8 @@ def test_scaling_out_of_range_is_flagged(results_tree, tmp_path):
     summary names the angle and the quantity, and the quality is at least warning even
     when the record's own quality flag says good."""
     from homodyne_steps.dataset import XpcsData
-    from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
+    from homodyne_steps.nlsq_settings import NlsqSettings
+    from homodyne_steps.nlsq_stage import nlsq_stage
 
     results = tmp_path / "results"
     shutil.copytree(results_tree / "sta", results / "sta")

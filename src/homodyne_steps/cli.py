@@ -294,7 +294,8 @@ def _run_qc(args: argparse.Namespace) -> int:
 
 
 def _run_nlsq(args: argparse.Namespace) -> int:
-    from homodyne_steps.nlsq_stage import NlsqSettings, nlsq_stage
+    from homodyne_steps.nlsq_settings import NlsqSettings
+    from homodyne_steps.nlsq_stage import nlsq_stage
     from homodyne_steps.registry import canonical_mode
     from homodyne_steps.settings import check_keys, parse_settings_json
 
@@ -401,7 +402,8 @@ def _run_cmc_plan(args: argparse.Namespace) -> int:
 def _run_cmc_shard(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from homodyne_steps.cmc_shard import PriorSettings, SamplerSettings, cmc_shard_stage
+    from homodyne_steps.cmc_shard import cmc_shard_stage
+    from homodyne_steps.cmc_shard_settings import PriorSettings, SamplerSettings
 
     s = _job_settings(
         args.settings, "cmc-shard", {"analysis_mode", "L", "parameters", "sampler", "prior"}

@@ -17,7 +17,7 @@ Target: L_k(θ)·G(u)^(1/K) in the combination coordinates u, with G the broad G
 surrogate prior of :mod:`cmc_space`; the priors (TruncatedNormal(μ, σ) in the registry
 bounds, ``prior.type: registry``, or centred on the NLSQ value with width k·σ_NLSQ,
 ``nlsq``) are recorded with the space and applied once, after the combination
-(:func:`cmc_combine.apply_prior`). NUTS samples one unconstrained vector in the
+(:func:`consensus.apply_prior`). NUTS samples one unconstrained vector in the
 coordinates ``reparameterize`` (``rates``, ``log_reference``, ``none``; see
 :mod:`cmc_space`); the registry parameters are deterministics.
 """
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from homodyne_steps._jax import jax, jnp
+from homodyne_steps.cmc_shard_settings import PriorSettings, SamplerSettings
 from homodyne_steps.cmc_space import (
     COMBINATION,
     SampledSpace,
@@ -45,7 +46,7 @@ from homodyne_steps.cmc_space import (
     with_shear_convention,
     with_surrogate,
 )
-from homodyne_steps.coordinates import SAMPLING_COORDINATES, SHARDABLE_COORDINATES
+from homodyne_steps.coordinates import SHARDABLE_COORDINATES
 from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.likelihood import (
@@ -56,7 +57,6 @@ from homodyne_steps.likelihood import (
     gather_points,
     make_fit_data,
 )
-from homodyne_steps.lm import damped_step, is_decrease, marquardt_scale, scale_system
 from homodyne_steps.model import make_grid
 from homodyne_steps.noise import noise_scale_record
 from homodyne_steps.registry import REGISTRY, Registry, canonical_mode
@@ -68,64 +68,7 @@ from homodyne_steps.serialise import (
     read_npz,
     write_json,
 )
-from homodyne_steps.settings import check_keys, get_bool, get_choice, get_int, get_number
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    num_warmup: int = 300
-    num_samples: int = 1000
-    num_chains: int = 2
-    target_accept: float = 0.8
-    max_tree_depth: int = 8
-    dense_mass: bool = True
-    seed: int = 0
-    reparameterize: str = "rates"  # rates | log_reference | none
-    adapt_mass_matrix: bool = False  # False: keep the NLSQ-derived metric when available
-
-    @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | None, where: str = "cmc.sampler"):
-        m = dict(m or {})
-        d = cls()
-        check_keys(m, set(d.__dataclass_fields__), where)
-        return cls(
-            num_warmup=get_int(m, "num_warmup", d.num_warmup, where, minimum=10),
-            num_samples=get_int(m, "num_samples", d.num_samples, where, minimum=10),
-            num_chains=get_int(m, "num_chains", d.num_chains, where, minimum=1),
-            target_accept=get_number(
-                m,
-                "target_accept",
-                d.target_accept,
-                where,
-                minimum=0.0,
-                exclusive_minimum=True,
-                maximum=0.999,
-            ),
-            max_tree_depth=get_int(m, "max_tree_depth", d.max_tree_depth, where, minimum=1),
-            dense_mass=get_bool(m, "dense_mass", d.dense_mass, where),
-            seed=get_int(m, "seed", d.seed, where, minimum=0),
-            reparameterize=get_choice(
-                m, "reparameterize", d.reparameterize, SAMPLING_COORDINATES, where
-            ),
-            adapt_mass_matrix=get_bool(m, "adapt_mass_matrix", d.adapt_mass_matrix, where),
-        )
-
-
-@dataclass(frozen=True)
-class PriorSettings:
-    type: str = "registry"  # registry | nlsq
-    nlsq_width: float = 5.0  # k in k·σ_NLSQ
-    tempering: bool = True
-
-    @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | None, where: str = "cmc.prior"):
-        m = dict(m or {})
-        check_keys(m, {"type", "nlsq_width", "tempering"}, where)
-        return cls(
-            type=get_choice(m, "type", "registry", ("registry", "nlsq"), where),
-            nlsq_width=get_number(m, "nlsq_width", 5.0, where, minimum=0.0, exclusive_minimum=True),
-            tempering=get_bool(m, "tempering", True, where),
-        )
+from homodyne_steps.shard_mode import ShardMode, shard_mode
 
 
 @dataclass
@@ -346,86 +289,6 @@ def noise_scale_from_nlsq(nlsq_params: Mapping[str, Any]) -> dict[str, Any]:
             "a finite value > 0 to scale σ (is the NLSQ fit failed?)"
         )
     return noise_scale_record(float(chi2_red))
-
-
-@dataclass
-class ShardMode:
-    """The shard posterior's mode in the sampled coordinates w and the inverse Hessian
-    of the potential there (the Laplace covariance: NUTS's metric)."""
-
-    w: np.ndarray
-    inverse_mass: np.ndarray | None
-    status: str
-    iterations: int
-    potential: float
-    seconds: float
-    # 1/|diag H|: the starting metric NUTS adapts when H is not positive definite
-    inverse_mass_diagonal: np.ndarray | None = None
-
-
-def shard_mode(potential, w0: np.ndarray, max_iterations: int = 40) -> ShardMode:
-    """Damped Newton on the potential (−log target) in the unconstrained coordinates.
-
-    The Hessian is exact (JAX), so the metric includes the prior, the varpro log-det
-    term and the curvature of the transforms: the Gaussian NUTS actually sees. The step
-    (Marquardt-scaled, damped) and the acceptance test are the NLSQ solver's
-    (:mod:`homodyne_steps.lm`); unlike there, the Hessian may be indefinite (the damping
-    is shifted past its smallest eigenvalue) and the damping moves tenfold.
-    """
-    t0 = time.perf_counter()
-    value_and_grad = jax.jit(jax.value_and_grad(potential))
-    hessian = jax.jit(jax.hessian(potential))
-    x = np.asarray(w0, dtype=np.float64)
-    f, g = (np.asarray(v, dtype=np.float64) for v in value_and_grad(x))
-    status, it, lam = "max_iterations", 0, 1e-3
-    for it in range(1, max_iterations + 1):  # noqa: B007
-        if not (np.isfinite(f) and np.all(np.isfinite(g))):
-            status = "failed"
-            break
-        h = np.asarray(hessian(x), dtype=np.float64)
-        h = 0.5 * (h + h.T)
-        scale = marquardt_scale(np.abs(np.diag(h)))
-        hs, gs = scale_system(h, g, scale)
-        evals = np.linalg.eigvalsh(hs)
-        if evals[0] > 0 and gs @ np.linalg.solve(hs, gs) < 1e-6:
-            status = "converged"
-            break
-        accepted = False
-        while lam < 1e12:
-            shift = lam + max(0.0, -evals[0] * 1.01)
-            step = damped_step(hs, gs, shift) / scale
-            f_new, g_new = (np.asarray(v, dtype=np.float64) for v in value_and_grad(x + step))
-            if is_decrease(f, f_new):
-                x, f, g, accepted = x + step, f_new, g_new, True
-                lam = max(lam / 10.0, 1e-9)
-                break
-            lam *= 10.0
-        if not accepted:
-            status = "stalled"
-            break
-    inverse_mass = diagonal = None
-    if status != "failed":
-        inverse_mass, diagonal = laplace_metric(np.asarray(hessian(x), dtype=np.float64))
-    return ShardMode(x, inverse_mass, status, it, float(f), time.perf_counter() - t0, diagonal)
-
-
-def laplace_metric(hessian: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(inverse Hessian, or None where it is not positive definite; 1/|diag H|).
-
-    The coordinates differ in scale by up to 1e10 (a rate of D(t) ~1e4 Å²/s against one
-    of γ̇(t) ~1e-4 1/s), so H's eigenvalues span ~1e16 and an unscaled eigensolver
-    returns a smallest one of either sign (measured on a laminar shard: −1e-5 against
-    +1.6e-5); the decomposition is done on the diagonally scaled H.
-    """
-    h = 0.5 * (hessian + hessian.T)
-    d = np.abs(np.diag(h))
-    if not (np.all(np.isfinite(h)) and np.all(d > 0)):
-        return None, None
-    scale = np.sqrt(d)
-    evals, evecs = np.linalg.eigh(h / np.outer(scale, scale))
-    if not evals[0] > 1e-12 * evals[-1]:
-        return None, 1.0 / d
-    return ((evecs / evals) @ evecs.T) / np.outer(scale, scale), 1.0 / d
 
 
 @dataclass

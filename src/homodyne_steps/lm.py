@@ -27,7 +27,7 @@ stopped on a convergence test with such parameters is ``not_identified``; one wh
 parameters never left the start values and that does not identify them is ``failed``.
 
 The damped step and the acceptance test are shared with the CMC shard's mode search
-(:func:`homodyne_steps.cmc_shard.shard_mode`).
+(:func:`homodyne_steps.shard_mode.shard_mode`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from homodyne_steps.cmc_diagnostics import BFMI_WARN  # below: poor exploration
 from homodyne_steps.plot_common import (
     PlotError,
     PlotSettings,
@@ -42,7 +43,6 @@ from homodyne_steps.registry import REGISTRY, canonical_mode
 
 HDI_PROB = 0.94
 ESS_WARN = 400.0
-BFMI_WARN = 0.3  # as cmc_combine: energy BFMI below this means poor exploration
 ARVIZ_RC = {"plot.max_subplots": 400}
 
 
