@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_nlsq import nlsq_process, prepare, run  # noqa: E402
-from homodyne_steps.coordinates import SHARDABLE_COORDINATES  # noqa: E402
+from homodyne_steps.physics.coordinates import SHARDABLE_COORDINATES  # noqa: E402
 
 REFERENCE_ESS_PER_S = 1.8
 

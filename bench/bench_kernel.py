@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from homodyne_steps._jax import jax, jnp
-from homodyne_steps.model import (
+from homodyne_steps.physics.model import (
     c2_matrix,
     c2_pairs,
     c2_pairs_jacobian,
@@ -21,8 +21,8 @@ from homodyne_steps.model import (
     make_grid,
     upper_triangle_pairs,
 )
-from homodyne_steps.reference import REFERENCE_CASES, REFERENCE_GEOMETRY
-from homodyne_steps.registry import REGISTRY
+from homodyne_steps.physics.reference import REFERENCE_CASES, REFERENCE_GEOMETRY
+from homodyne_steps.physics.registry import REGISTRY
 
 
 def _timed(fn, repeat: int) -> tuple[float, float]:

@@ -23,16 +23,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from homodyne_steps.data.preprocess_settings import PreprocessSettings
 from homodyne_steps.errors import HomodyneStepsError
-from homodyne_steps.filter import FilterSettings, filter_stage
-from homodyne_steps.load import load_stage
-from homodyne_steps.nlsq_settings import NlsqSettings
-from homodyne_steps.nlsq_stage import nlsq_stage
-from homodyne_steps.noise import estimate_sigma_per_lag
-from homodyne_steps.preprocess import preprocess_stage
-from homodyne_steps.preprocess_settings import PreprocessSettings
-from homodyne_steps.qc import qc_stage
-from homodyne_steps.simulate import reference_settings, simulate_file
+from homodyne_steps.inference.nlsq_settings import NlsqSettings
+from homodyne_steps.inference.noise import estimate_sigma_per_lag
+from homodyne_steps.stages.filter import FilterSettings, filter_stage
+from homodyne_steps.stages.load import load_stage
+from homodyne_steps.stages.nlsq_stage import nlsq_stage
+from homodyne_steps.stages.preprocess import preprocess_stage
+from homodyne_steps.stages.qc import qc_stage
+from homodyne_steps.stages.simulate import reference_settings, simulate_file
 
 Q = 0.0054
 MATRICES = "/xpcs/twotime/correlation_map"

@@ -28,16 +28,16 @@ NUM_SHARDS = 3
 
 def build_dataset(results: Path, name: str, spec: dict) -> Path:
     """Run the real stages of one simulated dataset into ``results/name``."""
-    from homodyne_steps.cmc_combine import CombineSettings, combine_stage
-    from homodyne_steps.cmc_plan import ShardingSettings, cmc_plan_stage
-    from homodyne_steps.filter import FilterSettings, filter_stage
-    from homodyne_steps.load import load_stage
-    from homodyne_steps.nlsq_settings import NlsqSettings
-    from homodyne_steps.nlsq_stage import nlsq_stage
-    from homodyne_steps.preprocess import preprocess_stage
-    from homodyne_steps.preprocess_settings import PreprocessSettings
-    from homodyne_steps.qc import qc_stage
-    from homodyne_steps.simulate import reference_settings, simulate_file
+    from homodyne_steps.data.preprocess_settings import PreprocessSettings
+    from homodyne_steps.inference.nlsq_settings import NlsqSettings
+    from homodyne_steps.stages.cmc_combine import CombineSettings, combine_stage
+    from homodyne_steps.stages.cmc_plan import ShardingSettings, cmc_plan_stage
+    from homodyne_steps.stages.filter import FilterSettings, filter_stage
+    from homodyne_steps.stages.load import load_stage
+    from homodyne_steps.stages.nlsq_stage import nlsq_stage
+    from homodyne_steps.stages.preprocess import preprocess_stage
+    from homodyne_steps.stages.qc import qc_stage
+    from homodyne_steps.stages.simulate import reference_settings, simulate_file
     from test_cmc_combine import make_set
 
     base = results / name

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from homodyne_steps.errors import ConfigError
-from homodyne_steps.serialise import write_json
-from homodyne_steps.simulate import reference_settings, simulate_file
+from homodyne_steps.io.serialise import write_json
+from homodyne_steps.stages.simulate import reference_settings, simulate_file
 from homodyne_steps.wfconfig import check_config_file, stage_slice, validate_config
 from test_cli_errors import assert_clean_failure, load_args, run
 
@@ -191,7 +191,7 @@ def test_results_path_through_a_file_gives_one_line(tmp_path, capsys, static_fil
 
 _WRITER = """
 import sys, time
-from homodyne_steps.serialise import atomic_path
+from homodyne_steps.io.serialise import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half")
     print(tmp, flush=True)
@@ -226,7 +226,7 @@ def test_temps_of_running_writers_are_left_alone(tmp_path):
     try:
         live = Path(proc.stdout.readline().strip())
         write_json(tmp_path / "samples.json", {})  # another output: not its temp
-        from homodyne_steps.serialise import remove_stale_temps
+        from homodyne_steps.io.serialise import remove_stale_temps
 
         assert remove_stale_temps(final) == [] and live.exists()
     finally:

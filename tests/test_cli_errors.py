@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from homodyne_steps.cli import main
-from homodyne_steps.simulate import reference_settings, simulate_file
+from homodyne_steps.stages.simulate import reference_settings, simulate_file
 
 
 @pytest.fixture(scope="module")

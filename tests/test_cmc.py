@@ -5,22 +5,22 @@ import json
 import numpy as np
 import pytest
 
-from homodyne_steps.cmc_combine import CombineSettings, combine_stage
-from homodyne_steps.cmc_plan import (
+from homodyne_steps.errors import ConfigError
+from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSettings
+from homodyne_steps.inference.nlsq_settings import NlsqSettings
+from homodyne_steps.inference.shard_mode import laplace_metric
+from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.io.serialise import read_npz
+from homodyne_steps.stages.cmc_combine import CombineSettings, combine_stage
+from homodyne_steps.stages.cmc_plan import (
     ShardingSettings,
     choose_num_shards,
     cmc_plan_stage,
     sampled_parameter_count,
 )
-from homodyne_steps.cmc_shard import cmc_shard_stage, prepare_shard, run_shard
-from homodyne_steps.cmc_shard_settings import PriorSettings, SamplerSettings
-from homodyne_steps.dataset import XpcsData
-from homodyne_steps.errors import ConfigError
-from homodyne_steps.nlsq_settings import NlsqSettings
-from homodyne_steps.nlsq_stage import nlsq_stage
-from homodyne_steps.serialise import read_npz
-from homodyne_steps.shard_mode import laplace_metric
-from homodyne_steps.simulate import reference_settings, simulate_bins
+from homodyne_steps.stages.cmc_shard import cmc_shard_stage, prepare_shard, run_shard
+from homodyne_steps.stages.nlsq_stage import nlsq_stage
+from homodyne_steps.stages.simulate import reference_settings, simulate_bins
 
 
 def reference_data(mode="static", **overrides):

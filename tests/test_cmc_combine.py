@@ -15,19 +15,19 @@ import arviz as az
 import numpy as np
 import pytest
 
-from homodyne_steps.cmc_combine import OUTPUT_FILES, CombineSettings, combine_stage
-from homodyne_steps.cmc_diagnostics import quality_label
-from homodyne_steps.cmc_space import make_space
-from homodyne_steps.consensus import (
+from homodyne_steps.errors import ConfigError, DataError
+from homodyne_steps.inference.cmc_diagnostics import quality_label
+from homodyne_steps.inference.consensus import (
     consensus_mc,
     divergence_exclusion,
     robust_exclusion,
     simple_average,
 )
-from homodyne_steps.coordinates import from_rates, split_times, to_rates
-from homodyne_steps.errors import ConfigError, DataError
-from homodyne_steps.registry import REGISTRY
-from homodyne_steps.shard_io import ShardError, read_shards
+from homodyne_steps.io.shard_io import ShardError, read_shards
+from homodyne_steps.physics.cmc_space import make_space
+from homodyne_steps.physics.coordinates import from_rates, split_times, to_rates
+from homodyne_steps.physics.registry import REGISTRY
+from homodyne_steps.stages.cmc_combine import OUTPUT_FILES, CombineSettings, combine_stage
 
 STATIC_TRUTH = {"D0": 1.0e4, "alpha": -0.1, "D_offset": 10.0}
 STATIC_SD = {"D0": 150.0, "alpha": 0.02, "D_offset": 4.0}
@@ -656,7 +656,7 @@ def test_the_prior_is_applied_once_and_excluded_shards_take_only_their_data(tmp_
     # here without G: draws of the Gaussian L_kept weighted by SciPy's truncated normal.
     from scipy.stats import truncnorm
 
-    from homodyne_steps.cmc_space import (
+    from homodyne_steps.physics.cmc_space import (
         log_abs_det,
         theta_from_w,
         w_from_theta,

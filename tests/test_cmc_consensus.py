@@ -1,7 +1,7 @@
 """Consensus Monte Carlo is exact, at any shard count, through the real shard model.
 
 Each shard's log-likelihood is an exact Gaussian in the combination coordinates u
-(:mod:`homodyne_steps.cmc_space`), L_k = N(u; μ_k, KΣ), so the product of the K shard
+(:mod:`homodyne_steps.physics.cmc_space`), L_k = N(u; μ_k, KΣ), so the product of the K shard
 likelihoods is N(u; mean μ_k, Σ). The prior is a non-flat TruncatedNormal in the
 registry parameters θ, with bounds, and as informative as the data in places: the full
 posterior, p(u) ∝ N(u; ū, Σ) · π(θ(u)) · |∂θ/∂u|, is far from Gaussian in u. It is
@@ -23,10 +23,9 @@ import pytest
 from scipy.stats import truncnorm
 
 from homodyne_steps._jax import jax, jnp
-from homodyne_steps.cmc_combine import CombineSettings, combine_stage
-from homodyne_steps.cmc_shard import sample_shard
-from homodyne_steps.cmc_shard_settings import SamplerSettings
-from homodyne_steps.cmc_space import (
+from homodyne_steps.errors import DataError
+from homodyne_steps.inference.cmc_shard_settings import SamplerSettings
+from homodyne_steps.physics.cmc_space import (
     COMBINATION,
     log_abs_det,
     log_prior,
@@ -39,7 +38,8 @@ from homodyne_steps.cmc_space import (
     with_shear_convention,
     with_surrogate,
 )
-from homodyne_steps.errors import DataError
+from homodyne_steps.stages.cmc_combine import CombineSettings, combine_stage
+from homodyne_steps.stages.cmc_shard import sample_shard
 
 NAMES = ("D0", "alpha", "D_offset")
 LOWER, UPPER = np.array([100.0, -2.0, -1e5]), np.array([1e5, 2.0, 1e5])

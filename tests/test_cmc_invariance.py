@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from homodyne_steps.cmc_shard_settings import SamplerSettings
+from homodyne_steps.inference.cmc_shard_settings import SamplerSettings
 from test_cmc import fit_and_plan, reference_data, sample_and_combine
 
 ROOT = Path(__file__).resolve().parents[1]

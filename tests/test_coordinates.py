@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from homodyne_steps.coordinates import (
+from homodyne_steps.physics.coordinates import (
     POWER_LAWS,
     from_rates,
     power_law_from_rates,
@@ -11,7 +11,7 @@ from homodyne_steps.coordinates import (
     split_times,
     to_rates,
 )
-from homodyne_steps.registry import REGISTRY
+from homodyne_steps.physics.registry import REGISTRY
 
 T_EARLY, T_LATE = split_times(0.1 * np.arange(0, 121))
 

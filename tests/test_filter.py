@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError
-from homodyne_steps.filter import FilterSettings, apply_filter, filter_stage, in_phi_ranges
+from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.stages.filter import FilterSettings, apply_filter, filter_stage, in_phi_ranges
 
 
 def make_data(phi=(-170.0, -30.0, 0.0, 30.0, 90.0, 175.0), n_t=30, dt=0.1):

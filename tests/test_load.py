@@ -9,12 +9,12 @@ import h5py
 import numpy as np
 import pytest
 
-from homodyne_steps.aps_reader import read_aps
-from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import DataError
-from homodyne_steps.filter import FilterSettings, apply_filter
-from homodyne_steps.load import load_stage
-from homodyne_steps.simulate import reference_settings, simulate_bins, simulate_file
+from homodyne_steps.io.aps_reader import read_aps
+from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.stages.filter import FilterSettings, apply_filter
+from homodyne_steps.stages.load import load_stage
+from homodyne_steps.stages.simulate import reference_settings, simulate_bins, simulate_file
 
 N_FRAMES = 30
 PHI = (90.0, -30.0, 0.0, 45.0)  # deliberately unsorted: the reader sorts rows by phi

@@ -15,16 +15,16 @@ import json
 import numpy as np
 import pytest
 
-from homodyne_steps.cmc_plan import ShardingSettings, cmc_plan_stage
-from homodyne_steps.dataset import XpcsData
-from homodyne_steps.filter import FilterSettings, apply_filter, filter_stage
-from homodyne_steps.likelihood import count_points
-from homodyne_steps.noise import estimate_sigma_per_lag
-from homodyne_steps.preprocess import preprocess, preprocess_stage
-from homodyne_steps.preprocess_settings import PreprocessSettings
-from homodyne_steps.qc import qc_stage, run_qc
-from homodyne_steps.qc_settings import QcSettings
-from homodyne_steps.serialise import read_npz
+from homodyne_steps.data.preprocess_settings import PreprocessSettings
+from homodyne_steps.data.qc_settings import QcSettings
+from homodyne_steps.inference.likelihood import count_points
+from homodyne_steps.inference.noise import estimate_sigma_per_lag
+from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.io.serialise import read_npz
+from homodyne_steps.stages.cmc_plan import ShardingSettings, cmc_plan_stage
+from homodyne_steps.stages.filter import FilterSettings, apply_filter, filter_stage
+from homodyne_steps.stages.preprocess import preprocess, preprocess_stage
+from homodyne_steps.stages.qc import qc_stage, run_qc
 
 SIGMA = 0.01
 N_T = 150
@@ -191,8 +191,8 @@ def test_angle_with_too_many_masked_points_is_dropped_through_the_stages(tmp_pat
 
 
 def test_plots_show_the_display_smoothing_and_the_dropped_angles(tmp_path):
-    from homodyne_steps.plot_data import plot_data_stage
-    from homodyne_steps.plot_qc import plot_qc_stage
+    from homodyne_steps.plots.plot_data import plot_data_stage
+    from homodyne_steps.plots.plot_qc import plot_qc_stage
 
     raw = with_hole(exponential_data(seed=2, n_t=60), angles=[0, 1], frames=slice(10, 20))
     raw = with_hole(raw, angles=[2], frames=slice(5, 50))  # > 50 % masked: dropped

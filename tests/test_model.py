@@ -7,7 +7,7 @@ import pytest
 
 from homodyne_steps._jax import jax, jnp
 from homodyne_steps.errors import ModelInputError, ParameterError
-from homodyne_steps.model import (
+from homodyne_steps.physics.model import (
     c2_matrix,
     c2_pairs,
     c2_pairs_jacobian,
@@ -15,7 +15,7 @@ from homodyne_steps.model import (
     make_grid,
     upper_triangle_pairs,
 )
-from homodyne_steps.registry import REGISTRY
+from homodyne_steps.physics.registry import REGISTRY
 
 Q, L = 0.0054, 2e6
 STATIC = ("D0", "alpha", "D_offset")

@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from homodyne_steps import likelihood
-from homodyne_steps.dataset import XpcsData
 from homodyne_steps.errors import ConfigError
-from homodyne_steps.identification import combine_information, identify
-from homodyne_steps.model import compute_c2, make_grid, upper_triangle_pairs
-from homodyne_steps.nlsq_fit import fit
-from homodyne_steps.nlsq_records import parameters_record, quality_flag
-from homodyne_steps.nlsq_settings import NlsqSettings
-from homodyne_steps.nlsq_stage import OUTPUT_FILES, FitFailed, nlsq_stage
-from homodyne_steps.noise import NoiseSettings, noise_sigma
-from homodyne_steps.registry import REGISTRY
-from homodyne_steps.simulate import reference_settings, simulate_bins
-from homodyne_steps.stratify import contiguous_plan, stratified_plan
+from homodyne_steps.inference import likelihood
+from homodyne_steps.inference.identification import combine_information, identify
+from homodyne_steps.inference.nlsq_fit import fit
+from homodyne_steps.inference.nlsq_settings import NlsqSettings
+from homodyne_steps.inference.noise import NoiseSettings, noise_sigma
+from homodyne_steps.inference.stratify import contiguous_plan, stratified_plan
+from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.physics.model import compute_c2, make_grid, upper_triangle_pairs
+from homodyne_steps.physics.registry import REGISTRY
+from homodyne_steps.stages.nlsq_records import parameters_record, quality_flag
+from homodyne_steps.stages.nlsq_stage import OUTPUT_FILES, FitFailed, nlsq_stage
+from homodyne_steps.stages.simulate import reference_settings, simulate_bins
 
 STATIC = "static"
 LAMINAR = "laminar_flow"

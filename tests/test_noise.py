@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from homodyne_steps.errors import ConfigError, DataError
-from homodyne_steps.model import compute_c2, upper_triangle_pairs
-from homodyne_steps.noise import (
+from homodyne_steps.inference.noise import (
     NoiseSettings,
     estimate_sigma_per_lag,
     noise_sigma,
     sigma_for_pairs,
     summary,
 )
-from homodyne_steps.simulate import reference_settings, simulate_bins
+from homodyne_steps.physics.model import compute_c2, upper_triangle_pairs
+from homodyne_steps.stages.simulate import reference_settings, simulate_bins
 
 REL_SD = 1.3  # relative sd of the estimate × √(number of differences), measured
 Z_MAX = 5.0  # bound in sd when every lag of a run is checked

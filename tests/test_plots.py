@@ -19,8 +19,8 @@ import pytest
 from conftest import DATASETS, NUM_SHARDS, check_figure_dir, check_png, png_size
 from homodyne_steps.cli import main
 from homodyne_steps.errors import ConfigError
-from homodyne_steps.plot_cmc import plot_cmc_stage
-from homodyne_steps.plot_common import (
+from homodyne_steps.plots.plot_cmc import plot_cmc_stage
+from homodyne_steps.plots.plot_common import (
     HeatmapRow,
     PlotError,
     PlotSettings,
@@ -28,9 +28,9 @@ from homodyne_steps.plot_common import (
     block_mean,
     diagonal_means,
 )
-from homodyne_steps.plot_data import plot_data_stage
-from homodyne_steps.plot_nlsq import plot_nlsq_stage
-from homodyne_steps.plot_qc import PAGE_SIZE, plot_qc_stage
+from homodyne_steps.plots.plot_data import plot_data_stage
+from homodyne_steps.plots.plot_nlsq import plot_nlsq_stage
+from homodyne_steps.plots.plot_qc import PAGE_SIZE, plot_qc_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,9 +152,9 @@ def test_undefined_nlsq_covariance_draws_no_band(results_tree, tmp_path):
     plot_nlsq_stage(nlsq, tmp_path / "n")
     check_figure_dir(tmp_path / "n")
 
-    from homodyne_steps.plot_common import plt
-    from homodyne_steps.plot_nlsq import _covariance, transport_coefficients
-    from homodyne_steps.registry import REGISTRY
+    from homodyne_steps.physics.registry import REGISTRY
+    from homodyne_steps.plots.plot_common import plt
+    from homodyne_steps.plots.plot_nlsq import _covariance, transport_coefficients
 
     params = json.loads((nlsq / "parameters.json").read_text())["parameters"]
     cov = _covariance(analysis, REGISTRY.physical_names("laminar_flow"))
@@ -165,8 +165,8 @@ def test_undefined_nlsq_covariance_draws_no_band(results_tree, tmp_path):
 
 
 def test_plot_qc_page_with_issues_and_repairs(results_tree, tmp_path):
-    from homodyne_steps.dataset import XpcsData
-    from homodyne_steps.qc import qc_stage
+    from homodyne_steps.io.dataset import XpcsData
+    from homodyne_steps.stages.qc import qc_stage
 
     data = results_tree / "sta" / "data"
     pre = XpcsData.from_npz(data / "preprocessed.npz")
@@ -223,7 +223,7 @@ def test_dpi_and_shard_limit_settings(results_tree, tmp_path):
 
 
 def test_a_rerun_removes_figures_that_are_no_longer_made(results_tree, tmp_path):
-    from homodyne_steps.dataset import XpcsData
+    from homodyne_steps.io.dataset import XpcsData
 
     data = results_tree / "sta" / "data"
     out = tmp_path / "plots"
@@ -244,7 +244,7 @@ def test_a_rerun_removes_figures_that_are_no_longer_made(results_tree, tmp_path)
 
 def test_large_matrices_are_downsampled_for_display(tmp_path):
     """1200 frames: the heatmaps are drawn from ≤ max_pixels block means (title says so)."""
-    from homodyne_steps.dataset import XpcsData
+    from homodyne_steps.io.dataset import XpcsData
 
     n, rng = 1200, np.random.default_rng(1)
     t = 0.1 * np.arange(1, n + 1)

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from homodyne_steps.c2_cleaning import baseline_lag_range, correct_diagonal
-from homodyne_steps.dataset import XpcsData
+from homodyne_steps.data.c2_cleaning import baseline_lag_range, correct_diagonal
+from homodyne_steps.data.preprocess_settings import PreprocessSettings
 from homodyne_steps.errors import ConfigError, DataError
-from homodyne_steps.noise import estimate_sigma_per_lag
-from homodyne_steps.preprocess import preprocess, preprocess_stage, run_preprocess
-from homodyne_steps.preprocess_settings import PreprocessSettings
-from homodyne_steps.serialise import read_npz
+from homodyne_steps.inference.noise import estimate_sigma_per_lag
+from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.io.serialise import read_npz
+from homodyne_steps.stages.preprocess import preprocess, preprocess_stage, run_preprocess
 
 RECORD_FIELDS = {
     "stage", "step", "method", "parameters", "input_shape", "output_shape",
@@ -381,7 +381,7 @@ def test_bad_settings_raise_config_error(mapping, pattern):
 def test_settings_where_prefix_and_direct_construction_checked():
     with pytest.raises(ConfigError, match=r"^stages\.pre\.normalization\.x: unknown key"):
         PreprocessSettings.from_mapping({"normalization": {"x": 1}}, where="stages.pre")
-    from homodyne_steps.preprocess_settings import DiagonalCorrectionSettings
+    from homodyne_steps.data.preprocess_settings import DiagonalCorrectionSettings
 
     bad = PreprocessSettings(diagonal_correction=DiagonalCorrectionSettings(window=0))
     with pytest.raises(ConfigError, match="window"):
@@ -420,7 +420,7 @@ def test_stage_writes_nothing_on_failure(tmp_path, c2, settings, error):
 
 
 def test_stage_removes_npz_when_json_write_fails(tmp_path, monkeypatch):
-    import homodyne_steps.preprocess as pp
+    import homodyne_steps.stages.preprocess as pp
 
     def broken_write_json(path, obj):
         raise OSError("disk full")

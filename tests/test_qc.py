@@ -1,4 +1,4 @@
-"""Tests of the quality-control stage (homodyne_steps.qc and its parts)."""
+"""Tests of the quality-control stage (homodyne_steps.stages.qc and its parts)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from homodyne_steps.dataset import XpcsData
+from homodyne_steps.data.qc_checks import angle_stats, assess
+from homodyne_steps.data.qc_repair import repair
+from homodyne_steps.data.qc_settings import QcSettings
 from homodyne_steps.errors import ConfigError, QualityError
-from homodyne_steps.qc import failed_report_path, qc_stage, run_qc
-from homodyne_steps.qc_checks import angle_stats, assess
-from homodyne_steps.qc_repair import repair
-from homodyne_steps.qc_settings import QcSettings
+from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.stages.qc import failed_report_path, qc_stage, run_qc
 
 PHIS = np.array([0.0, 45.0, 90.0])
 

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from homodyne_steps.registry import REGISTRY
+from homodyne_steps.physics.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from homodyne_steps.errors import ParameterError
-from homodyne_steps.registry import (
+from homodyne_steps.physics.registry import (
     LAMINAR_FLOW,
     REGISTRY,
     STATIC,

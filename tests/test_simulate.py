@@ -17,10 +17,11 @@ import h5py
 import numpy as np
 import pytest
 
-from homodyne_steps import aps_writer, cli
+from homodyne_steps import cli
 from homodyne_steps.errors import HomodyneStepsError, ParameterError, SimulationError
-from homodyne_steps.model import compute_c2
-from homodyne_steps.simulate import (
+from homodyne_steps.io import aps_writer
+from homodyne_steps.physics.model import compute_c2
+from homodyne_steps.stages.simulate import (
     REFERENCE_CASES,
     REFERENCE_GEOMETRY,
     SimulationSettings,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from homodyne_steps.errors import ConfigError, DataError
-from homodyne_steps.stratify import (
+from homodyne_steps.inference.stratify import (
     ChunkingSettings,
     ChunkPlan,
     contiguous_plan,

@@ -112,7 +112,7 @@ def test_stage_slices_are_canonical_and_minimal():
 
 
 def test_load_slice_holds_exactly_the_load_settings():
-    from homodyne_steps.load import SETTINGS_KEYS
+    from homodyne_steps.stages.load import SETTINGS_KEYS
     from homodyne_steps.wfconfig import LOAD_KEYS
 
     assert set(LOAD_KEYS) == set(SETTINGS_KEYS)
@@ -160,15 +160,15 @@ def test_code_edits_change_exactly_the_stages_that_import_the_module(tmp_path):
             fh.write(text)
 
     # reference.py holds the simulator's reference cases: only `simulate` reads it.
-    assert changed_after(lambda: append("reference", "\n# edited\n")) == {"simulate"}
+    assert changed_after(lambda: append("physics/reference", "\n# edited\n")) == {"simulate"}
     # The noise model: the fit and the shards (the combine reads σ from NLSQ's output).
-    assert changed_after(lambda: append("noise", "\n# edited\n")) == {"nlsq", "cmc_shard"}
-    # cli.py holds the command line (load defaults among it): every stage runs through it.
+    assert changed_after(lambda: append("inference/noise", "\n# edited\n")) == {"nlsq", "cmc_shard"}
+    # cli.py holds the command line: every stage runs through it.
     assert changed_after(lambda: append("cli", "\n# edited\n")) == set(STAGES)
     # A new import is followed: once filter imports reference, editing reference reruns it.
-    new_import = "\nfrom homodyne_steps import reference  # noqa: E402, F401\n"
-    assert changed_after(lambda: append("filter", new_import)) == {"filter"}
-    assert changed_after(lambda: append("reference", "# again\n")) == {"simulate", "filter"}
+    new_import = "\nfrom homodyne_steps.physics import reference  # noqa: E402, F401\n"
+    assert changed_after(lambda: append("stages/filter", new_import)) == {"filter"}
+    assert changed_after(lambda: append("physics/reference", "# again\n")) == {"simulate", "filter"}
 
 
 def test_conda_env_matches_pyproject():
@@ -353,11 +353,15 @@ def test_demo_runs_and_edits_rerun_only_what_is_downstream(tmp_path):
     shutil.copytree(ROOT / "src" / "homodyne_steps", cwd / "src" / "homodyne_steps")
     env = {**os.environ, "PYTHONPATH": str(cwd / "src")}
     assert planned_jobs(cwd, env) == {}
-    with open(cwd / "src" / "homodyne_steps" / "plot_common.py", "a", encoding="utf-8") as fh:
+    with open(
+        cwd / "src" / "homodyne_steps" / "plots" / "plot_common.py", "a", encoding="utf-8"
+    ) as fh:
         fh.write("\n# edited\n")
     plots_only = {"plot_data": 1, "plot_qc": 1, "plot_nlsq": 1, "plot_cmc": 1, "all": 1}
     assert planned_jobs(cwd, env) == plots_only
-    with open(cwd / "src" / "homodyne_steps" / "reference.py", "a", encoding="utf-8") as fh:
+    with open(
+        cwd / "src" / "homodyne_steps" / "physics" / "reference.py", "a", encoding="utf-8"
+    ) as fh:
         fh.write("\n# edited\n")
     assert planned_jobs(cwd, env) == {
         "simulate": 1,

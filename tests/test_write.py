@@ -18,8 +18,8 @@ import pytest
 
 from conftest import DATASETS
 from homodyne_steps.cli import main
-from homodyne_steps.registry import REGISTRY
-from homodyne_steps.write import SummaryError, write_stage
+from homodyne_steps.physics.registry import REGISTRY
+from homodyne_steps.stages.write import SummaryError, write_stage
 
 
 def load(path: Path) -> dict:
@@ -78,7 +78,7 @@ def test_values_are_those_of_the_records(results_tree, summary):
 
 
 def test_columns_have_units():
-    from homodyne_steps.write import columns
+    from homodyne_steps.stages.write import columns
 
     cols = {c["name"]: c for c in columns(["D0", "alpha"])}
     assert cols["nlsq_D0"]["unit"] == "Å²/s" and cols["cmc_D0_hdi_97%"]["unit"] == "Å²/s"
@@ -113,9 +113,9 @@ def test_scaling_out_of_range_is_flagged(results_tree, tmp_path):
     """A real NLSQ record whose angle 1 has c2 rising with lag (varpro contrast < 0): the
     summary names the angle and the quantity, and the quality is at least warning even
     when the record's own quality flag says good."""
-    from homodyne_steps.dataset import XpcsData
-    from homodyne_steps.nlsq_settings import NlsqSettings
-    from homodyne_steps.nlsq_stage import nlsq_stage
+    from homodyne_steps.inference.nlsq_settings import NlsqSettings
+    from homodyne_steps.io.dataset import XpcsData
+    from homodyne_steps.stages.nlsq_stage import nlsq_stage
 
     results = tmp_path / "results"
     shutil.copytree(results_tree / "sta", results / "sta")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from homodyne_steps import __version__
 from homodyne_steps.errors import HomodyneStepsError
-from homodyne_steps.registry import MODE_ALIASES, REGISTRY
+from homodyne_steps.physics.registry import MODE_ALIASES, REGISTRY
 
 
 def _param_assignment(text: str) -> tuple[str, float]:
@@ -71,7 +71,7 @@ def _add_simulate_files(p: argparse.ArgumentParser) -> None:
 
 def _add_simulate_model(p: argparse.ArgumentParser) -> None:
     """The simulated experiment: mode, parameters, geometry, noise, correlator."""
-    from homodyne_steps.reference import REFERENCE_GEOMETRY
+    from homodyne_steps.physics.reference import REFERENCE_GEOMETRY
 
     g = REFERENCE_GEOMETRY
     p.add_argument(
@@ -138,10 +138,10 @@ def _add_simulate_model(p: argparse.ArgumentParser) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from homodyne_steps.reference import REFERENCE_CASES
-    from homodyne_steps.registry import canonical_mode
+    from homodyne_steps.physics.reference import REFERENCE_CASES
+    from homodyne_steps.physics.registry import canonical_mode
     from homodyne_steps.settings import parse_settings_json
-    from homodyne_steps.simulate import SimulationSettings, settings_from_mapping
+    from homodyne_steps.stages.simulate import SimulationSettings, settings_from_mapping
 
     if args.settings is not None:
         settings = settings_from_mapping(parse_settings_json(args.settings, "simulate"))
@@ -181,7 +181,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_and_report(settings, args: argparse.Namespace) -> int:
-    from homodyne_steps.simulate import simulate_file
+    from homodyne_steps.stages.simulate import simulate_file
 
     start = time.perf_counter()
     out, truth = simulate_file(settings, args.out, fmt=args.format, truth_path=args.truth)
@@ -249,8 +249,8 @@ def _add_data_stages(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_load(args: argparse.Namespace) -> int:
-    from homodyne_steps.load import LoadSettings, load_stage
     from homodyne_steps.settings import parse_settings_json
+    from homodyne_steps.stages.load import LoadSettings, load_stage
 
     s = LoadSettings.from_mapping(parse_settings_json(args.settings, "load"))
     data = load_stage(args.input, s.q, args.out_npz, args.out_json, **s.read_options())
@@ -259,8 +259,8 @@ def _run_load(args: argparse.Namespace) -> int:
 
 
 def _run_filter(args: argparse.Namespace) -> int:
-    from homodyne_steps.filter import FilterSettings, filter_stage
     from homodyne_steps.settings import parse_settings_json
+    from homodyne_steps.stages.filter import FilterSettings, filter_stage
 
     settings = FilterSettings.from_mapping(parse_settings_json(args.settings, "filter"))
     out = filter_stage(args.input, args.out_npz, args.out_json, settings)
@@ -269,9 +269,9 @@ def _run_filter(args: argparse.Namespace) -> int:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from homodyne_steps.preprocess import preprocess_stage
-    from homodyne_steps.preprocess_settings import PreprocessSettings
+    from homodyne_steps.data.preprocess_settings import PreprocessSettings
     from homodyne_steps.settings import parse_settings_json
+    from homodyne_steps.stages.preprocess import preprocess_stage
 
     settings = PreprocessSettings.from_mapping(parse_settings_json(args.settings, "preprocess"))
     preprocess_stage(args.input, args.out_npz, args.out_json, settings)
@@ -280,9 +280,9 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
 
 def _run_qc(args: argparse.Namespace) -> int:
-    from homodyne_steps.qc import qc_stage
-    from homodyne_steps.qc_settings import QcSettings
+    from homodyne_steps.data.qc_settings import QcSettings
     from homodyne_steps.settings import parse_settings_json
+    from homodyne_steps.stages.qc import qc_stage
 
     settings = QcSettings.from_mapping(parse_settings_json(args.settings, "qc"))
     report = qc_stage(
@@ -294,10 +294,10 @@ def _run_qc(args: argparse.Namespace) -> int:
 
 
 def _run_nlsq(args: argparse.Namespace) -> int:
-    from homodyne_steps.nlsq_settings import NlsqSettings
-    from homodyne_steps.nlsq_stage import nlsq_stage
-    from homodyne_steps.registry import canonical_mode
+    from homodyne_steps.inference.nlsq_settings import NlsqSettings
+    from homodyne_steps.physics.registry import canonical_mode
     from homodyne_steps.settings import check_keys, parse_settings_json
+    from homodyne_steps.stages.nlsq_stage import nlsq_stage
 
     s = parse_settings_json(args.settings, "nlsq")
     check_keys(s, {"analysis_mode", "L", "parameters", "nlsq"}, "nlsq job")
@@ -364,7 +364,7 @@ def _add_cmc_stages(sub: argparse._SubParsersAction) -> None:
 
 
 def _job_settings(text: str, stage: str, keys: set[str]) -> dict:
-    from homodyne_steps.registry import canonical_mode
+    from homodyne_steps.physics.registry import canonical_mode
     from homodyne_steps.settings import check_keys, parse_settings_json
 
     s = parse_settings_json(text, stage)
@@ -379,7 +379,7 @@ def _job_settings(text: str, stage: str, keys: set[str]) -> dict:
 
 
 def _run_cmc_plan(args: argparse.Namespace) -> int:
-    from homodyne_steps.cmc_plan import ShardingSettings, cmc_plan_stage
+    from homodyne_steps.stages.cmc_plan import ShardingSettings, cmc_plan_stage
 
     s = _job_settings(
         args.settings,
@@ -402,8 +402,8 @@ def _run_cmc_plan(args: argparse.Namespace) -> int:
 def _run_cmc_shard(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from homodyne_steps.cmc_shard import cmc_shard_stage
-    from homodyne_steps.cmc_shard_settings import PriorSettings, SamplerSettings
+    from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSettings
+    from homodyne_steps.stages.cmc_shard import cmc_shard_stage
 
     s = _job_settings(
         args.settings, "cmc-shard", {"analysis_mode", "L", "parameters", "sampler", "prior"}
@@ -434,8 +434,8 @@ def _run_cmc_shard(args: argparse.Namespace) -> int:
 def _run_cmc_combine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from homodyne_steps.cmc_combine import CombineSettings, combine_stage
-    from homodyne_steps.cmc_fitted import FittedInputs
+    from homodyne_steps.inference.cmc_fitted import FittedInputs
+    from homodyne_steps.stages.cmc_combine import CombineSettings, combine_stage
 
     s = _job_settings(args.settings, "cmc-combine", {"analysis_mode", "L", "combine"})
     nlsq_dir = Path(args.nlsq_dir)
@@ -493,7 +493,7 @@ def _add_plot_stages(sub: argparse._SubParsersAction) -> None:
 
 
 def _plot_settings(text: str, stage: str):
-    from homodyne_steps.plot_common import PlotSettings
+    from homodyne_steps.plots.plot_common import PlotSettings
     from homodyne_steps.settings import parse_settings_json
 
     return PlotSettings.from_mapping(parse_settings_json(text, stage))
@@ -505,7 +505,7 @@ def _report_figures(index: dict, out_dir: str) -> int:
 
 
 def _run_plot_data(args: argparse.Namespace) -> int:
-    from homodyne_steps.plot_data import plot_data_stage
+    from homodyne_steps.plots.plot_data import plot_data_stage
 
     s = _plot_settings(args.settings, "plot")
     index = plot_data_stage(args.filtered, args.preprocessed, args.out_dir, s)
@@ -513,7 +513,7 @@ def _run_plot_data(args: argparse.Namespace) -> int:
 
 
 def _run_plot_qc(args: argparse.Namespace) -> int:
-    from homodyne_steps.plot_qc import plot_qc_stage
+    from homodyne_steps.plots.plot_qc import plot_qc_stage
 
     s = _plot_settings(args.settings, "plot")
     index = plot_qc_stage(args.input, args.out_dir, s, dataset=args.dataset)
@@ -521,7 +521,7 @@ def _run_plot_qc(args: argparse.Namespace) -> int:
 
 
 def _run_plot_nlsq(args: argparse.Namespace) -> int:
-    from homodyne_steps.plot_nlsq import plot_nlsq_stage
+    from homodyne_steps.plots.plot_nlsq import plot_nlsq_stage
 
     s = _plot_settings(args.settings, "plot")
     return _report_figures(plot_nlsq_stage(args.nlsq_dir, args.out_dir, s), args.out_dir)
@@ -530,7 +530,7 @@ def _run_plot_nlsq(args: argparse.Namespace) -> int:
 def _run_plot_cmc(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from homodyne_steps.plot_cmc import plot_cmc_stage
+    from homodyne_steps.plots.plot_cmc import plot_cmc_stage
 
     s = _plot_settings(args.settings, "plot")
     nlsq = Path(args.nlsq_dir) / "parameters.json" if args.nlsq_dir else None
@@ -539,7 +539,7 @@ def _run_plot_cmc(args: argparse.Namespace) -> int:
 
 
 def _run_write(args: argparse.Namespace) -> int:
-    from homodyne_steps.write import write_stage
+    from homodyne_steps.stages.write import write_stage
 
     rows = write_stage(args.results_dir, args.datasets, args.out_csv, args.out_json)
     print(f"wrote {len(rows)} rows to {args.out_csv} and {args.out_json}")

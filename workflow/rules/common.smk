@@ -14,9 +14,8 @@ from homodyne_steps.wfconfig import (
 
 # Our validator names every bad key by its full path; Snakemake's then records the
 # schema for the report.
-stop_on_config_error(
-    validate_config, config, workflow.source_path("../schemas/config.schema.yaml")
-)
+SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
+stop_on_config_error(validate_config, config, SCHEMA)
 validate(config, "../schemas/config.schema.yaml", set_default=False)
 
 DATASETS = dataset_names(config)

@@ -1,0 +1,103 @@
+"""Settings of the ``nlsq`` stage (config section ``nlsq``), checked when built."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from homodyne_steps.errors import ConfigError
+from homodyne_steps.inference.lm import (
+    SolverSettings,
+)
+from homodyne_steps.inference.noise import NoiseSettings
+from homodyne_steps.inference.stratify import ChunkingSettings
+from homodyne_steps.physics.registry import REGISTRY
+from homodyne_steps.physics.scaling import MODES
+from homodyne_steps.settings import check_keys, get_choice, get_int, get_number
+
+
+@dataclass(frozen=True)
+class MultistartSettings:
+    enabled: bool = False
+    n_starts: int = 8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class NlsqSettings:
+    per_angle_scaling: str = "varpro"
+    strategy: str = "joint"
+    initial_parameters: Mapping[str, float] = field(default_factory=dict)
+    fixed_parameters: tuple[str, ...] = ()
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+    chunking: ChunkingSettings = field(default_factory=ChunkingSettings)
+    solver: SolverSettings = field(default_factory=SolverSettings)
+    multistart: MultistartSettings = field(default_factory=MultistartSettings)
+    min_success_rate: float = 0.5
+    on_failure: str = "error"
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any] | None, where: str = "nlsq") -> NlsqSettings:
+        m = dict(m or {})
+        check_keys(
+            m,
+            {
+                "per_angle_scaling",
+                "strategy",
+                "initial_parameters",
+                "fixed_parameters",
+                "noise",
+                "chunking",
+                "solver",
+                "multistart",
+                "min_success_rate",
+                "on_failure",
+            },
+            where,
+        )
+        init = dict(m.get("initial_parameters") or {})
+        for name, value in init.items():
+            if name not in REGISTRY.names:
+                raise ConfigError(
+                    f"{where}.initial_parameters.{name}: unknown parameter; known: "
+                    f"{list(REGISTRY.names)}"
+                )
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"{where}.initial_parameters.{name}: expected a number")
+        fixed = m.get("fixed_parameters") or []
+        if not isinstance(fixed, list | tuple) or not all(isinstance(x, str) for x in fixed):
+            raise ConfigError(f"{where}.fixed_parameters: expected a list of parameter names")
+        solver = dict(m.get("solver") or {})
+        w = f"{where}.solver"
+        check_keys(solver, {"max_iterations", "dchi2_tol", "ftol", "xtol", "gtol"}, w)
+        d = SolverSettings()
+        ms = dict(m.get("multistart") or {})
+        check_keys(ms, {"enabled", "n_starts", "seed"}, f"{where}.multistart")
+        enabled = ms.get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{where}.multistart.enabled: expected true or false")
+        return cls(
+            per_angle_scaling=get_choice(m, "per_angle_scaling", "varpro", MODES, where),
+            strategy=get_choice(m, "strategy", "joint", ("joint", "sequential"), where),
+            initial_parameters=init,
+            fixed_parameters=tuple(fixed),
+            noise=NoiseSettings.from_mapping(m.get("noise"), f"{where}.noise"),
+            chunking=ChunkingSettings.from_mapping(m.get("chunking"), f"{where}.chunking"),
+            solver=SolverSettings(
+                max_iterations=get_int(solver, "max_iterations", d.max_iterations, w, minimum=1),
+                dchi2_tol=get_number(solver, "dchi2_tol", d.dchi2_tol, w, minimum=0.0),
+                ftol=get_number(solver, "ftol", d.ftol, w, minimum=0.0),
+                xtol=get_number(solver, "xtol", d.xtol, w, minimum=0.0),
+                gtol=get_number(solver, "gtol", d.gtol, w, minimum=0.0),
+            ),
+            multistart=MultistartSettings(
+                enabled=enabled,
+                n_starts=get_int(ms, "n_starts", 8, f"{where}.multistart", minimum=1),
+                seed=get_int(ms, "seed", 0, f"{where}.multistart", minimum=0),
+            ),
+            min_success_rate=get_number(
+                m, "min_success_rate", 0.5, where, minimum=0.0, maximum=1.0
+            ),
+            on_failure=get_choice(m, "on_failure", "error", ("error", "warn"), where),
+        )
