@@ -295,18 +295,9 @@ def _run_qc(args: argparse.Namespace) -> int:
 
 def _run_nlsq(args: argparse.Namespace) -> int:
     from homodyne_steps.inference.nlsq_settings import NlsqSettings
-    from homodyne_steps.physics.registry import canonical_mode
-    from homodyne_steps.settings import check_keys, parse_settings_json
     from homodyne_steps.stages.nlsq_stage import nlsq_stage
 
-    s = parse_settings_json(args.settings, "nlsq")
-    check_keys(s, {"analysis_mode", "L", "parameters", "nlsq"}, "nlsq job")
-    if "analysis_mode" not in s:
-        raise HomodyneStepsError("nlsq: the dataset's analysis_mode is required")
-    if s.get("L") is None:
-        if canonical_mode(s["analysis_mode"]) == "laminar_flow":
-            raise HomodyneStepsError("nlsq: laminar_flow needs the gap L (Å) of the dataset")
-        s["L"] = 1.0  # static mode never uses L
+    s = _job_settings(args.settings, "nlsq", {"analysis_mode", "L", "parameters", "nlsq"})
     settings = NlsqSettings.from_mapping(s.get("nlsq"))
     out = nlsq_stage(
         args.input,
@@ -364,6 +355,9 @@ def _add_cmc_stages(sub: argparse._SubParsersAction) -> None:
 
 
 def _job_settings(text: str, stage: str, keys: set[str]) -> dict:
+    """The one parser of a fit job's ``--settings`` (nlsq, cmc-plan, cmc-shard,
+    cmc-combine): known keys only, the analysis mode required, L required in laminar
+    flow (1.0 in static modes, where it is never used)."""
     from homodyne_steps.physics.registry import canonical_mode
     from homodyne_steps.settings import check_keys, parse_settings_json
 

@@ -75,18 +75,13 @@ def load_stage(
     q: float,
     out_npz: str | os.PathLike[str],
     out_json: str | os.PathLike[str],
-    *,
-    start_frame: int = 1,
-    end_frame: int = -1,
-    dt: float | None = None,
-    q_tolerance: float = 0.1,
-    storage: str = "auto",
-    missing_frame_factors: str = "error",
-    time_origin: str = "file",
+    **read_options: Any,
 ) -> XpcsData:
     """The ``load`` stage: :func:`read_aps`, then write ``out_npz`` and its JSON record.
 
-    The record holds the source (absolute path, sha256, format, how matrices were paired
+    ``read_options`` are :func:`read_aps`'s keyword arguments (frames, dt, q_tolerance,
+    storage, missing_frame_factors, time_origin; :meth:`LoadSettings.read_options`). The
+    record holds the source (absolute path, sha256, format, how matrices were paired
     with bins), q target/selected/members, phi list, bin labels, skipped bins, dt and
     where it came from, the time origin, frames, storage found, shapes and the stage
     duration in s. Nothing is written when reading fails; the NPZ is removed if the JSON
@@ -96,11 +91,7 @@ def load_stage(
     out_npz, out_json = Path(out_npz), Path(out_json)
     if out_npz.resolve() == out_json.resolve():
         raise DataError(f"out_npz and out_json are the same path: {out_npz}")
-    res = read_aps(
-        data_path, q, start_frame=start_frame, end_frame=end_frame, dt=dt,
-        q_tolerance=q_tolerance, storage=storage,
-        missing_frame_factors=missing_frame_factors, time_origin=time_origin,
-    )  # fmt: skip
+    res = read_aps(data_path, q, **read_options)
     data = XpcsData(
         wavevector_q_list=res["wavevector_q_list"],
         phi_angles_list=res["phi_angles_list"],
