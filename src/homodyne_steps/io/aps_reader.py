@@ -329,13 +329,8 @@ def read_aps(
         dict with ``wavevector_q_list`` and ``phi_angles_list`` (n_phi,) float64 in 1/Å
         and deg (rows sorted by phi ascending), ``t1``/``t2`` (n,) float64 in s,
         ``c2_exp`` (n_phi, n, n) symmetric in the file's float dtype, not
-        diagonal-corrected, ``dt`` (s), ``format`` and ``source`` (a dict: ``path``,
-        ``q_target``, ``q_tolerance``, ``q_selected``, ``q_available``, ``q_members``,
-        ``q_relative_spread``, ``ring_grouping``, ``bin_labels``, ``datasets``,
-        ``bin_mapping``, ``member_prefix``, ``skipped_bins``, ``dt_source`` (a dict,
-        ``kind`` "file" or "config"), ``time_origin``, ``t_first_s``,
-        ``n_frames_file``, ``start_frame``, ``end_frame``, ``n_frames`` and ``storage``
-        ({``setting``, ``found``: one layout per row})).
+        diagonal-corrected, ``dt`` (s), ``format`` and ``source`` (how the ring was
+        read: :func:`_source`).
 
     Raises:
         DataError: for any problem with the arguments or the file.
@@ -366,7 +361,32 @@ def read_aps(
     n = e - s
     t = _time_axis(step, s, n, time_origin)
     member_q = [b.q for b in ring.members]
-    source = {
+    source = _source(p, q, q_tolerance, ring, found_bins, dt_source, time_origin, t)
+    source.update(n_frames_file=n_file, start_frame=s + 1, end_frame=e, n_frames=n,
+                  storage={"setting": storage, "found": layouts})  # fmt: skip
+    return {
+        "wavevector_q_list": np.array(member_q, dtype=np.float64),
+        "phi_angles_list": np.array([b.phi for b in ring.members], dtype=np.float64),
+        "t1": t,
+        "t2": t.copy(),
+        "c2_exp": c2,
+        "dt": step,
+        "format": fmt,
+        "source": source,
+    }
+
+
+def _source(
+    p: Path, q: float, q_tolerance: float, ring, found_bins, dt_source: dict, time_origin: str,
+    t: np.ndarray,
+) -> dict[str, Any]:  # fmt: skip
+    """How the ring was read (``read_aps``'s ``source``; ``loaded.json`` records it): the
+    file, the q target/tolerance/selected/available/members and their spread, how the
+    ring was grouped, bin labels and datasets, how matrices were paired with bins,
+    skipped bins, where dt came from (``kind`` "file" or "config"), the time origin and
+    first time. ``read_aps`` adds the frames and the storage found per row."""
+    member_q = [b.q for b in ring.members]
+    return {
         "path": str(p.resolve()),
         "q_target": q,
         "q_tolerance": q_tolerance,
@@ -383,21 +403,6 @@ def read_aps(
         "dt_source": dt_source,
         "time_origin": time_origin,
         "t_first_s": float(t[0]),
-        "n_frames_file": n_file,
-        "start_frame": s + 1,
-        "end_frame": e,
-        "n_frames": n,
-        "storage": {"setting": storage, "found": layouts},
-    }
-    return {
-        "wavevector_q_list": np.array(member_q, dtype=np.float64),
-        "phi_angles_list": np.array([b.phi for b in ring.members], dtype=np.float64),
-        "t1": t,
-        "t2": t.copy(),
-        "c2_exp": c2,
-        "dt": step,
-        "format": fmt,
-        "source": source,
     }
 
 
