@@ -11,8 +11,12 @@ stats), and the real combine stage turns them into the CMC outputs. Built once p
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,28 @@ DATASETS = {
     "sta": {"mode": "static", "n_frames": 50, "seed": 4},
 }
 NUM_SHARDS = 3
+
+
+@functools.cache
+def _no_scontrol_dir() -> str:
+    """A folder whose ``scontrol`` fails at once. Snakemake loads its Slurm executor
+    plugin on every start, and the plugin asks ``scontrol show config`` for a setting's
+    help text; on a machine with the Slurm client but no controller that call waits its
+    10 s timeout. Local runs never use the answer."""
+    folder = Path(tempfile.mkdtemp(prefix="no-scontrol-"))
+    shim = folder / "scontrol"
+    shim.write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
+    shim.chmod(0o755)
+    return str(folder)
+
+
+def local_snakemake_env(env: dict | None = None) -> dict:
+    """The environment for a local (not Slurm) snakemake run in a test: ``env`` (default
+    os.environ) with the scontrol shim first on PATH when a Slurm client is installed."""
+    out = dict(os.environ if env is None else env)
+    if shutil.which("scontrol") is not None:
+        out["PATH"] = os.pathsep.join([_no_scontrol_dir(), out.get("PATH", "")])
+    return out
 
 
 def build_dataset(results: Path, name: str, spec: dict) -> Path:

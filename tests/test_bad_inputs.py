@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import local_snakemake_env
 from homodyne_steps.errors import ConfigError
 from homodyne_steps.io.serialise import write_json
 from homodyne_steps.stages.simulate import reference_settings, simulate_file
@@ -545,7 +546,7 @@ def test_a_killed_workflow_resumes_after_unlock(tmp_path):
     killed = copy_workflow(tmp_path / "killed")
     proc = subprocess.Popen(["snakemake", "--cores", "1", target], cwd=killed,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, env=local_snakemake_env())  # fmt: skip
     deadline = time.monotonic() + 300
     while not (killed / "logs" / "demo" / "load.log").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before the kill"

@@ -10,6 +10,7 @@ from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSe
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
 from homodyne_steps.inference.shard_mode import laplace_metric
 from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.io.serialise import read_npz
 from homodyne_steps.stages.cmc_combine import CombineSettings, combine_stage
 from homodyne_steps.stages.cmc_plan import (
@@ -182,7 +183,7 @@ def test_shard_blocks_hold_exactly_the_shards_points_grouped_by_angle(tmp_path):
         tmp_path, data, truth, "laminar_flow", num_shards=3, nlsq={"on_failure": "warn"}
     )
     plan = read_npz(tmp_path / "plan.npz")["indices"]
-    nlsq = json.loads((nlsq_dir / "parameters.json").read_text())
+    nlsq = NlsqParameters.read(nlsq_dir / "parameters.json")
     sigma = read_npz(nlsq_dir / "fitted_data.npz")["sigma_per_lag"]
     n_pairs = data.n_t * (data.n_t - 1) // 2
     n_total = data.n_phi * n_pairs

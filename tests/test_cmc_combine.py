@@ -23,6 +23,7 @@ from homodyne_steps.inference.consensus import (
     robust_exclusion,
     simple_average,
 )
+from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.io.shard_io import ShardError, read_shards
 from homodyne_steps.physics.cmc_space import make_space
 from homodyne_steps.physics.coordinates import from_rates, split_times, to_rates
@@ -366,23 +367,58 @@ def test_missing_and_mismatched_shards_give_clear_errors(tmp_path):
 # ---------------------------------------------------------------------------------------
 # The stage and its files
 # ---------------------------------------------------------------------------------------
+def nlsq_record(mode, values, sds, n_angles):
+    """An NLSQ parameters record (as the NLSQ stage writes it) with the given values."""
+    scaling = {"value": 0.3, "uncertainty": 0.01}
+    return NlsqParameters.from_json(
+        {
+            "schema_version": 1,
+            "analysis_mode": mode,
+            "parameters": {
+                n: {
+                    "value": v,
+                    "uncertainty": sds[n],
+                    "unit": "",
+                    "at_bound": False,
+                    "fixed": False,
+                    "identified": True,
+                }
+                for n, v in values.items()
+            },
+            "per_angle": [
+                {
+                    "phi_deg": 10.0 * k,
+                    "contrast": scaling,
+                    "offset": {**scaling, "value": 1.0},
+                    "chi_squared": 1.0,
+                    "flags": [],
+                }
+                for k in range(n_angles)
+            ],
+            "per_angle_scaling": "varpro",
+            "chi_squared": 100.0,
+            "reduced_chi_squared": 1.0,
+            "degrees_of_freedom": 100,
+            "uncertainty_convention": "test",
+            "noise_scale": {},
+            "convergence": {
+                "status": "converged",
+                "reason": "test",
+                "iterations": 3,
+                "converged": True,
+                "not_identified": [],
+            },
+        }
+    )
+
+
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("cmc")
     K = 4
     ncs, jss = make_set(base / "shards", K, n_chains=2, n_draws=400)
-    nlsq = base / "nlsq_parameters.json"
-    nlsq.write_text(
-        json.dumps(
-            {
-                "schema_version": 1,
-                "analysis_mode": "static",
-                "parameters": {
-                    n: {"value": v, "uncertainty": STATIC_SD[n]} for n, v in STATIC_TRUTH.items()
-                },
-                "per_angle": [{}, {}],
-            }
-        )
+    nlsq = nlsq_record("static", STATIC_TRUTH, STATIC_SD, n_angles=2).write(
+        base / "nlsq_parameters.json"
     )
     out = base / "out"
     outcome = combine_stage(ncs, jss, out, CombineSettings(), nlsq_parameters=nlsq)
@@ -543,7 +579,7 @@ def test_failures_write_nothing(tmp_path):
     bad.write_text('{"analysis_mode": "laminar_flow", "parameters": {"D0": {"value": NaN}}}')
     with pytest.raises(DataError):
         combine_stage(ncs, jss, out, nlsq_parameters=bad)
-    bad.write_text('{"analysis_mode": "laminar_flow", "parameters": {}}')
+    nlsq_record("laminar_flow", {}, {}, n_angles=1).write(bad)
     with pytest.raises(DataError, match="differs from the shards"):
         combine_stage(ncs, jss, out, nlsq_parameters=bad)
     assert not out.exists() or not any(out.iterdir())

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import local_snakemake_env
 from homodyne_steps.inference.cmc_shard_settings import SamplerSettings
 from test_cmc import fit_and_plan, reference_data, sample_and_combine
 
@@ -72,6 +73,7 @@ def run_snakemake(cwd: Path, config: dict) -> dict:
         capture_output=True,
         text=True,
         timeout=900,
+        env=local_snakemake_env(),
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     return json.loads((cwd / CMC_TARGET).read_text(encoding="utf-8"))

@@ -24,6 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
+from conftest import local_snakemake_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load(
     (ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8")
@@ -183,7 +185,7 @@ def test_ci_config_runs_the_whole_workflow(tmp_path):
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "PYTHONPATH": pythonpath},
+        env=local_snakemake_env({**os.environ, "PYTHONPATH": pythonpath}),
     )
     elapsed = time.perf_counter() - started
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]

@@ -247,8 +247,8 @@ def test_bound_is_reached_and_flagged(bound_fits, side):
     assert not getattr(r, other)[0]
     assert not np.any((r.at_lower | r.at_upper)[1:3])  # alpha, D_offset are interior
     record = parameters_record(out, registry)
-    assert record["parameters"]["D0"]["at_bound"] is True
-    assert record["parameters"]["alpha"]["at_bound"] is False
+    assert record.parameters["D0"].at_bound is True
+    assert record.parameters["alpha"].at_bound is False
 
 
 @pytest.mark.parametrize("side", sorted(BOUND_CASES))
@@ -433,7 +433,7 @@ def test_max_iterations_status(static_case):
     assert not r.converged
     assert r.iterations == 2
     assert "2 iterations" in r.reason
-    assert parameters_record(out)["convergence"]["converged"] is False
+    assert parameters_record(out).convergence.converged is False
 
 
 @pytest.fixture(scope="module")
@@ -580,9 +580,9 @@ def test_fixed_parameter_is_held(static_case):
     assert r.physical[1] == -0.25
     assert r.free.tolist()[:3] == [True, False, True]
     record = parameters_record(out)
-    assert record["parameters"]["alpha"]["fixed"] is True
-    assert record["parameters"]["alpha"]["value"] == -0.25
-    assert record["parameters"]["D0"]["fixed"] is False
+    assert record.parameters["alpha"].fixed is True
+    assert record.parameters["alpha"].value == -0.25
+    assert record.parameters["D0"].fixed is False
     assert r.n_fitted == 2 + 2 * data.n_phi  # D0, D_offset + varpro scaling
 
 
@@ -726,13 +726,13 @@ def flat_case():
 def assert_not_determined(out, names) -> None:
     """The record names ``names`` as not determined, with null (never 0) uncertainty."""
     record = parameters_record(out)
-    conv = record["convergence"]
-    assert conv["converged"] is False
-    assert set(names) <= set(conv["not_identified"]), conv
+    conv = record.convergence
+    assert conv.converged is False
+    assert set(names) <= set(conv.not_identified), conv
     for name in names:
-        assert name in conv["reason"], conv["reason"]
-        entry = record["parameters"][name]
-        assert entry["uncertainty"] is None and entry["identified"] is False, (name, entry)
+        assert name in conv.reason, conv.reason
+        entry = record.parameters[name]
+        assert entry.uncertainty is None and entry.identified is False, (name, entry)
     assert quality_flag(out) == "poor"
 
 
@@ -884,9 +884,9 @@ def test_sequential_one_laminar_angle_is_not_identified():
     assert r.status == "not_identified", r.reason
     assert {"gamma_dot_t0", "phi0"} <= set(r.not_identified)
     record = parameters_record(out)
-    assert record["parameters"]["phi0"]["uncertainty"] is None
-    assert record["parameters"]["gamma_dot_t0"]["uncertainty"] is None
-    assert record["parameters"]["alpha"]["uncertainty"] > 0
+    assert record.parameters["phi0"].uncertainty is None
+    assert record.parameters["gamma_dot_t0"].uncertainty is None
+    assert record.parameters["alpha"].uncertainty > 0
     assert "phi0" in r.reason
 
 

@@ -152,12 +152,13 @@ def test_undefined_nlsq_covariance_draws_no_band(results_tree, tmp_path):
     plot_nlsq_stage(nlsq, tmp_path / "n")
     check_figure_dir(tmp_path / "n")
 
+    from homodyne_steps.io.nlsq_files import NlsqAnalysis, NlsqParameters
     from homodyne_steps.physics.registry import REGISTRY
     from homodyne_steps.plots.plot_common import plt
     from homodyne_steps.plots.plot_nlsq import _covariance, transport_coefficients
 
-    params = json.loads((nlsq / "parameters.json").read_text())["parameters"]
-    cov = _covariance(analysis, REGISTRY.physical_names("laminar_flow"))
+    params = NlsqParameters.read(nlsq / "parameters.json").parameters
+    cov = _covariance(NlsqAnalysis.from_json(analysis), REGISTRY.physical_names("laminar_flow"))
     fig, _ = transport_coefficients(params, cov, np.linspace(0.1, 10, 50), "laminar_flow")
     d_panel, shear_panel = fig.axes[0], fig.axes[1]
     assert len(d_panel.collections) == 0 and len(shear_panel.collections) == 2

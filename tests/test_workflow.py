@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import check_figure_dir
+from conftest import check_figure_dir, local_snakemake_env
 from homodyne_steps.errors import ConfigError
 from homodyne_steps.wfconfig import (
     STAGES,
@@ -45,7 +45,7 @@ def snakemake(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Comp
         capture_output=True,
         text=True,
         timeout=900,
-        env=env,
+        env=local_snakemake_env(env),
     )
 
 

@@ -11,133 +11,16 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from homodyne_steps import __version__
 from homodyne_steps.errors import HomodyneStepsError
-from homodyne_steps.physics.registry import MODE_ALIASES, REGISTRY
-
-
-def _param_assignment(text: str) -> tuple[str, float]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    name = name.strip()
-    if name not in REGISTRY.names:
-        raise argparse.ArgumentTypeError(
-            f"unknown parameter {name!r}; known: {', '.join(REGISTRY.names)}"
-        )
-    try:
-        return name, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name}: expected a number, got {value!r}") from None
-
-
-def _cell(text: str) -> tuple[int, int]:
-    try:
-        iq, iphi = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected IQ,IPHI (0-based ring and angle-bin indices), got {text!r}"
-        ) from None
-    return iq, iphi
-
-
-def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "simulate",
-        help="write a synthetic APS two-time file (and truth.json) drawn from the model",
-        description=(
-            "Draw c2 from the model with known parameters (default: the reference case of "
-            "--mode from shared/spec/physics.md), add noise, and write an APS HDF5 file."
-        ),
-    )
-    _add_simulate_files(p)
-    _add_simulate_model(p)
-    p.set_defaults(func=_run_simulate)
-
-
-def _add_simulate_files(p: argparse.ArgumentParser) -> None:
-    """The files ``simulate`` writes and the JSON settings the workflow passes."""
-    p.add_argument("--out", required=True, help="HDF5 file to write")
-    p.add_argument("--truth", help="truth JSON (default: truth.json beside --out)")
-    p.add_argument("--format", choices=["aps_u", "aps_old"], default="aps_u")
-    p.add_argument(
-        "--settings",
-        metavar="JSON",
-        help="all simulation settings as a JSON object (what the workflow passes); "
-        "replaces the options above except --out, --truth and --format",
-    )
-
-
-def _add_simulate_model(p: argparse.ArgumentParser) -> None:
-    """The simulated experiment: mode, parameters, geometry, noise, correlator."""
-    from homodyne_steps.physics.reference import REFERENCE_GEOMETRY
-
-    g = REFERENCE_GEOMETRY
-    p.add_argument(
-        "--mode",
-        choices=sorted(MODE_ALIASES),
-        default="laminar_flow",
-        help="analysis mode whose reference case gives the defaults",
-    )
-    p.add_argument(
-        "--param",
-        action="append",
-        type=_param_assignment,
-        default=[],
-        metavar="NAME=VALUE",
-        help="override one physical parameter (repeatable)",
-    )
-    p.add_argument(
-        "--phi",
-        type=float,
-        nargs="+",
-        metavar="DEG",
-        help="phi bin centres in degrees (default: the reference case's)",
-    )
-    p.add_argument("--frames", type=int, help="C2 size N (default: the reference case's)")
-    p.add_argument("--q", type=float, default=g["q"], help="target q ring in 1/Å")
-    p.add_argument("--L", type=float, default=g["L"], help="stator–rotor gap in Å")
-    p.add_argument("--dt", type=float, default=g["dt"], help="C2 time step in s")
-    p.add_argument(
-        "--contrast",
-        type=float,
-        nargs="+",
-        default=[g["contrast"]],
-        help="contrast (one value, or one per angle)",
-    )
-    p.add_argument(
-        "--offset",
-        type=float,
-        nargs="+",
-        default=[g["offset"]],
-        help="offset (one value, or one per angle)",
-    )
-    p.add_argument(
-        "--noise",
-        type=float,
-        default=g["noise"],
-        help="relative Gaussian noise level (sigma = noise * c2)",
-    )
-    p.add_argument(
-        "--diagonal-excess", type=float, default=0.5, help="shot-noise excess added on the diagonal"
-    )
-    p.add_argument("--q-rings", type=int, default=3, help="number of q rings")
-    p.add_argument("--q-ring-step", type=float, default=0.2, help="relative spacing of the q rings")
-    p.add_argument(
-        "--empty-cell",
-        action="append",
-        type=_cell,
-        default=[],
-        metavar="IQ,IPHI",
-        help="leave a (ring, angle-bin) cell empty (repeatable)",
-    )
-    p.add_argument("--avg-frames", type=int, default=2)
-    p.add_argument("--stride-frames", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+from homodyne_steps.physics.registry import REGISTRY
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
+    # the options' defaults shape what is simulated: simulate's fingerprint includes them
+    from homodyne_steps import cli_simulate  # noqa: F401
     from homodyne_steps.physics.reference import REFERENCE_CASES
     from homodyne_steps.physics.registry import canonical_mode
     from homodyne_steps.settings import parse_settings_json
@@ -332,7 +215,7 @@ def _add_cmc_stages(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cmc-shard", help="CMC: NUTS on one shard")
     p.add_argument("--input", required=True, help="QC'd data (qc.npz)")
     p.add_argument("--plan", required=True, help="plan.npz")
-    p.add_argument("--nlsq-dir", required=True, help="the dataset's NLSQ output directory")
+    _add_nlsq_inputs(p, "parameters", "fitted")
     p.add_argument("--shard", required=True, type=int, help="shard index (0-based)")
     p.add_argument("--out-nc", required=True, help="InferenceData (netCDF) to write")
     p.add_argument("--out-json", required=True, help="shard record to write")
@@ -346,12 +229,35 @@ def _add_cmc_stages(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cmc-combine", help="CMC: combine shard posteriors, diagnose, write")
     p.add_argument("--input", required=True, help="QC'd data (qc.npz)")
     p.add_argument("--shards", required=True, nargs="+", help="shard .nc files (records beside)")
-    p.add_argument("--nlsq-dir", required=True, help="the dataset's NLSQ output directory")
+    _add_nlsq_inputs(p, "parameters", "fitted")
     p.add_argument("--out-dir", required=True, help="directory for the CMC outputs")
     p.add_argument(
         "--settings", default="{}", metavar="JSON", help="JSON with analysis_mode, L and combine"
     )
     p.set_defaults(func=_run_cmc_combine)
+
+
+def _add_nlsq_inputs(p: argparse.ArgumentParser, *files: str) -> None:
+    """Options naming the NLSQ outputs a job reads: each file exactly (as the workflow's
+    rules do), or ``--nlsq-dir`` for all of them by their usual names."""
+    from homodyne_steps.io.nlsq_files import NlsqFiles
+
+    for name in files:
+        p.add_argument(f"--nlsq-{name}", help=f"the NLSQ {NlsqFiles.NAMES[name]}")
+    listed = ", ".join(NlsqFiles.NAMES[name] for name in files)
+    p.add_argument("--nlsq-dir", help=f"instead: the NLSQ output folder (its {listed})")
+
+
+def _nlsq_inputs(args: argparse.Namespace, *files: str) -> dict[str, Path]:
+    from homodyne_steps.io.nlsq_files import NlsqFiles
+
+    out = {}
+    for name in files:
+        given = getattr(args, f"nlsq_{name}")
+        if given is None and args.nlsq_dir is None:
+            raise HomodyneStepsError(f"{args.command}: give --nlsq-{name} (or --nlsq-dir)")
+        out[name] = Path(given) if given else Path(args.nlsq_dir) / NlsqFiles.NAMES[name]
+    return out
 
 
 def _job_settings(text: str, stage: str, keys: set[str]) -> dict:
@@ -373,6 +279,8 @@ def _job_settings(text: str, stage: str, keys: set[str]) -> dict:
 
 
 def _run_cmc_plan(args: argparse.Namespace) -> int:
+    from homodyne_steps.physics.coordinates import DEFAULT_COORDINATES
+    from homodyne_steps.physics.scaling import DEFAULT_MODE
     from homodyne_steps.stages.cmc_plan import ShardingSettings, cmc_plan_stage
 
     s = _job_settings(
@@ -385,16 +293,15 @@ def _run_cmc_plan(args: argparse.Namespace) -> int:
         args.out_json,
         args.out_npz,
         mode=s["analysis_mode"],
-        scaling_mode=s.get("per_angle_scaling") or "varpro",
+        scaling_mode=s.get("per_angle_scaling", DEFAULT_MODE),
         settings=ShardingSettings.from_mapping(s.get("sharding")),
-        sampling_coordinates=s.get("sampling_coordinates") or "rates",
+        sampling_coordinates=s.get("sampling_coordinates", DEFAULT_COORDINATES),
     )
     print(f"{rec['num_shards']} shards: {rec['decisions'][0]['reason']}")
     return 0
 
 
 def _run_cmc_shard(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSettings
     from homodyne_steps.stages.cmc_shard import cmc_shard_stage
@@ -402,12 +309,12 @@ def _run_cmc_shard(args: argparse.Namespace) -> int:
     s = _job_settings(
         args.settings, "cmc-shard", {"analysis_mode", "L", "parameters", "sampler", "prior"}
     )
-    nlsq_dir = Path(args.nlsq_dir)
+    nlsq = _nlsq_inputs(args, "parameters", "fitted")
     rec = cmc_shard_stage(
         args.input,
         args.plan,
-        nlsq_dir / "parameters.json",
-        nlsq_dir / "fitted_data.npz",
+        nlsq["parameters"],
+        nlsq["fitted"],
         args.shard,
         args.out_nc,
         args.out_json,
@@ -426,21 +333,19 @@ def _run_cmc_shard(args: argparse.Namespace) -> int:
 
 
 def _run_cmc_combine(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from homodyne_steps.inference.cmc_fitted import FittedInputs
     from homodyne_steps.stages.cmc_combine import CombineSettings, combine_stage
 
     s = _job_settings(args.settings, "cmc-combine", {"analysis_mode", "L", "combine"})
-    nlsq_dir = Path(args.nlsq_dir)
+    nlsq = _nlsq_inputs(args, "parameters", "fitted")
     shards = [Path(p) for p in args.shards]
     out = combine_stage(
         shards,
         [p.with_suffix(".json") for p in shards],
         args.out_dir,
         CombineSettings.from_mapping(s.get("combine")),
-        nlsq_parameters=nlsq_dir / "parameters.json",
-        fitted=FittedInputs(args.input, nlsq_dir, s["analysis_mode"], s["L"]),
+        nlsq_parameters=nlsq["parameters"],
+        fitted=FittedInputs(args.input, nlsq["fitted"], s["analysis_mode"], s["L"]),
     )
     print(f"CMC {out.status}: {len(out.kept)} shards kept, {len(out.excluded)} excluded")
     return 0
@@ -461,14 +366,14 @@ def _add_plot_stages(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--settings", default="{}", metavar="JSON", help=settings_help)
     p.set_defaults(func=_run_plot_qc)
     p = sub.add_parser("plot-nlsq", help="figures of the NLSQ fit (heatmaps, g2, residuals, D(t))")
-    p.add_argument("--nlsq-dir", required=True, help="the dataset's NLSQ output directory")
+    _add_nlsq_inputs(p, "parameters", "analysis", "fitted")
     p.add_argument("--out-dir", required=True, help="directory for the PNGs and figures.json")
     p.add_argument("--settings", default="{}", metavar="JSON", help=settings_help)
     p.set_defaults(func=_run_plot_nlsq)
     p = sub.add_parser("plot-cmc", help="ArviZ figures of the CMC posterior and its shards")
     p.add_argument("--cmc-dir", required=True, help="the dataset's CMC output directory")
     p.add_argument("--shards", required=True, nargs="+", help="shard .nc files")
-    p.add_argument("--nlsq-dir", help="the dataset's NLSQ output directory (values overlaid)")
+    _add_nlsq_inputs(p, "parameters")  # optional: the NLSQ values are overlaid
     p.add_argument("--out-dir", required=True, help="directory for the PNGs and figures.json")
     p.add_argument("--settings", default="{}", metavar="JSON", help=settings_help)
     p.set_defaults(func=_run_plot_cmc)
@@ -515,19 +420,20 @@ def _run_plot_qc(args: argparse.Namespace) -> int:
 
 
 def _run_plot_nlsq(args: argparse.Namespace) -> int:
+    from homodyne_steps.io.nlsq_files import NlsqFiles
     from homodyne_steps.plots.plot_nlsq import plot_nlsq_stage
 
     s = _plot_settings(args.settings, "plot")
-    return _report_figures(plot_nlsq_stage(args.nlsq_dir, args.out_dir, s), args.out_dir)
+    nlsq = NlsqFiles(**_nlsq_inputs(args, "parameters", "analysis", "fitted"))
+    return _report_figures(plot_nlsq_stage(nlsq, args.out_dir, s), args.out_dir)
 
 
 def _run_plot_cmc(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from homodyne_steps.plots.plot_cmc import plot_cmc_stage
 
     s = _plot_settings(args.settings, "plot")
-    nlsq = Path(args.nlsq_dir) / "parameters.json" if args.nlsq_dir else None
+    given = args.nlsq_parameters or args.nlsq_dir
+    nlsq = _nlsq_inputs(args, "parameters")["parameters"] if given else None
     index = plot_cmc_stage(args.cmc_dir, args.shards, args.out_dir, s, nlsq_parameters=nlsq)
     return _report_figures(index, args.out_dir)
 
@@ -558,6 +464,9 @@ def _run_params(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imported here, not at the top: only simulate's fingerprint holds it (_run_simulate)
+    from homodyne_steps.cli_simulate import add_simulate
+
     parser = argparse.ArgumentParser(
         prog="homodyne-steps",
         description="XPCS homodyne analysis under flow, one stage per subcommand.",
@@ -571,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         "XLA sizes its thread pool from it)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    _add_simulate(sub)
+    add_simulate(sub, _run_simulate)
     _add_data_stages(sub)
     _add_plot_stages(sub)
     _add_params(sub)

@@ -239,12 +239,17 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
         cmc = deep_merge(config.get("cmc") or {}, entry.get("cmc") or {})
         nlsq = deep_merge(config.get("nlsq") or {}, entry.get("nlsq") or {})
         common = {"analysis_mode": entry["analysis_mode"]}
-        if stage == "cmc_plan":
+        if stage == "cmc_plan":  # absent keys take the job's defaults (the settings classes)
+            coords = (cmc.get("sampler") or {}).get("reparameterize")
             return {
                 **common,
-                "per_angle_scaling": nlsq.get("per_angle_scaling", "varpro"),
+                **(
+                    {"per_angle_scaling": nlsq["per_angle_scaling"]}
+                    if "per_angle_scaling" in nlsq
+                    else {}
+                ),
                 "sharding": cmc.get("sharding") or {},
-                "sampling_coordinates": (cmc.get("sampler") or {}).get("reparameterize", "rates"),
+                **({"sampling_coordinates": coords} if coords is not None else {}),
             }
         if stage == "cmc_shard":
             return {

@@ -44,10 +44,10 @@ rule cmc_shard:
     params:
         settings=settings_of("cmc_shard"),
         code=code_fingerprint("cmc_shard"),
-        nlsq_dir=subpath(input.nlsq, parent=True),
     shell:
         "homodyne-steps --threads {threads} cmc-shard --input {input.data:q} "
-        "--plan {input.plan:q} --nlsq-dir {params.nlsq_dir:q} --shard {wildcards.k} "
+        "--plan {input.plan:q} --nlsq-parameters {input.nlsq:q} "
+        "--nlsq-fitted {input.fitted:q} --shard {wildcards.k} "
         "--out-nc {output.nc:q} --out-json {output.record:q} "
         "--settings {params.settings:q} > {log:q} 2>&1"
 
@@ -58,6 +58,7 @@ rule cmc_combine:
         records=lambda wildcards: cmc_shard_files(wildcards, "json"),
         data="results/{dataset}/data/qc.npz",
         nlsq="results/{dataset}/nlsq/parameters.json",
+        nlsq_fitted="results/{dataset}/nlsq/fitted_data.npz",
     output:
         parameters="results/{dataset}/cmc/parameters.json",
         analysis="results/{dataset}/cmc/analysis_results_cmc.json",
@@ -74,8 +75,8 @@ rule cmc_combine:
         settings=settings_of("cmc_combine"),
         code=code_fingerprint("cmc_combine"),
         out_dir=subpath(output.parameters, parent=True),
-        nlsq_dir=subpath(input.nlsq, parent=True),
     shell:
         "homodyne-steps cmc-combine --input {input.data:q} --shards {input.shards:q} "
-        "--nlsq-dir {params.nlsq_dir:q} --out-dir {params.out_dir:q} "
+        "--nlsq-parameters {input.nlsq:q} --nlsq-fitted {input.nlsq_fitted:q} "
+        "--out-dir {params.out_dir:q} "
         "--settings {params.settings:q} > {log:q} 2>&1"

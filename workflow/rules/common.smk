@@ -1,8 +1,8 @@
 # Shared setup: config validation and the per-rule config slices.
 # Only light package modules are imported here (no JAX): the workflow parses fast.
-import json
 import re
 
+from homodyne_steps.io.cmc_files import CmcPlan
 from homodyne_steps.wfconfig import (
     code_fingerprint,
     dataset_names,
@@ -45,8 +45,7 @@ def cmc_resource(name, default):
 
 def cmc_shard_files(wildcards, ext="nc"):
     plan = checkpoints.cmc_plan.get(dataset=wildcards.dataset).output.plan
-    with open(plan, encoding="utf-8") as fh:
-        n = json.load(fh)["num_shards"]
+    n = CmcPlan.read(plan).num_shards
     return expand(
         "results/{dataset}/cmc/K{n}/shards/{k}.{ext}",
         dataset=wildcards.dataset,

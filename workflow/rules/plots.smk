@@ -74,10 +74,10 @@ rule plot_nlsq:
     params:
         settings=settings_of("plot_nlsq"),
         code=code_fingerprint("plot_nlsq"),
-        nlsq_dir=subpath(input.parameters, parent=True),
     shell:
-        "homodyne-steps plot-nlsq --nlsq-dir {params.nlsq_dir:q} --out-dir {output:q} "
-        "--settings {params.settings:q} > {log:q} 2>&1"
+        "homodyne-steps plot-nlsq --nlsq-parameters {input.parameters:q} "
+        "--nlsq-analysis {input.analysis:q} --nlsq-fitted {input.fitted:q} "
+        "--out-dir {output:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule plot_cmc:
@@ -104,10 +104,9 @@ rule plot_cmc:
         settings=settings_of("plot_cmc"),
         code=code_fingerprint("plot_cmc"),
         cmc_dir=subpath(input.parameters, parent=True),
-        nlsq_dir=subpath(input.nlsq, parent=True),
     shell:
         "homodyne-steps plot-cmc --cmc-dir {params.cmc_dir:q} --shards {input.shards:q} "
-        "--nlsq-dir {params.nlsq_dir:q} --out-dir {output:q} "
+        "--nlsq-parameters {input.nlsq:q} --out-dir {output:q} "
         "--settings {params.settings:q} > {log:q} 2>&1"
 
 

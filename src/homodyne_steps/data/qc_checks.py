@@ -79,6 +79,7 @@ from homodyne_steps.data.qc_rules import (
     RECOMMENDATIONS,
 )
 from homodyne_steps.data.qc_settings import QcSettings
+from homodyne_steps.io.data_files import QcCheckpoint, QcIssue, QcMasked, QcMaskedAngle
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.serialise import finite_or_none
 
@@ -95,8 +96,9 @@ class Issue:
     phi: float | None = None
     value: float | None = None
 
-    def to_mapping(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+    def to_record(self) -> QcIssue:
+        """The report's issue (angle, phi and value left out where None)."""
+        return QcIssue(**{k: v for k, v in asdict(self).items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -109,17 +111,25 @@ class CheckpointReport:
     issues: tuple[Issue, ...] = ()
     recommendations: tuple[str, ...] = ()
     deductions: dict[str, float] = field(default_factory=dict)
-    masked: dict[str, Any] = field(default_factory=dict)  # see masked_summary
+    masked: dict[str, Any] = field(default_factory=dict)  # see _check_masked
 
-    def to_mapping(self) -> dict[str, Any]:
-        return {
-            "score": self.score,
-            "label": self.label,
-            "issues": [i.to_mapping() for i in self.issues],
-            "recommendations": list(self.recommendations),
-            "deductions": dict(self.deductions),
-            "masked": self.masked,
-        }
+    def to_record(self) -> QcCheckpoint:
+        """The checkpoint's entry in the QC report."""
+        m = self.masked
+        return QcCheckpoint(
+            score=self.score,
+            label=self.label,
+            issues=[i.to_record() for i in self.issues],
+            recommendations=list(self.recommendations),
+            deductions=dict(self.deductions),
+            masked=QcMasked(
+                count=m["count"],
+                of=m["of"],
+                fraction=m["fraction"],
+                per_angle=[QcMaskedAngle(**a) for a in m["per_angle"]],
+                dropped_angles=m["dropped_angles"],
+            ),
+        )
 
 
 @dataclass(frozen=True)

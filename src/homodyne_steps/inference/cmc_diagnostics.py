@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from homodyne_steps.inference.consensus import PARETO_K_MAX, Combination, Selection, heterogeneity
+from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.io.serialise import finite_or_none
 from homodyne_steps.io.shard_io import Shard
 
@@ -447,7 +448,7 @@ def diagnose(
     shards: Sequence[Shard],
     combination: Combination,
     settings: Thresholds,
-    nlsq: tuple[dict[str, Any], Path] | None = None,
+    nlsq: tuple[NlsqParameters, Path] | None = None,
 ) -> Diagnosis:
     """Judge one run: every shard on its own, the combined draws, the shards' agreement,
     the prior weights and, with ``nlsq`` (its parameters record and path), NLSQ."""
@@ -507,15 +508,15 @@ def diagnose(
 # Agreement with NLSQ
 # ---------------------------------------------------------------------------------------
 def nlsq_comparison(
-    rec: dict[str, Any], path: Path, names: Sequence[str], summary: Mapping[str, np.ndarray]
+    rec: NlsqParameters, path: Path, names: Sequence[str], summary: Mapping[str, np.ndarray]
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     zs = []
     for j, n in enumerate(names):
-        entry = rec["parameters"].get(n)
-        if not isinstance(entry, dict) or finite_or_none(entry.get("value")) is None:
+        entry = rec.parameters.get(n)
+        if entry is None or finite_or_none(entry.value) is None:
             continue
-        value, unc = float(entry["value"]), finite_or_none(entry.get("uncertainty"))
+        value, unc = float(entry.value), finite_or_none(entry.uncertainty)
         mean, std = float(summary["mean"][j]), float(summary["std"][j])
         sd = math.sqrt(std**2 + (unc or 0.0) ** 2)
         z = (mean - value) / sd if sd > 0 else None

@@ -5,18 +5,18 @@ posterior mean where it was sampled; where it was integrated out (varpro) or der
 it is the exact weighted least-squares scaling at the posterior-mean θ over all points
 (the same conditional optimum the sampler marginalised around).
 
-:func:`cmc_fitted_model` computes it from the stage's ``parameters.json`` record (in
-memory, before any file is written); :meth:`FittedModel.write` writes the file
+:func:`cmc_fitted_model` computes it from the stage's ``parameters.json`` record
+(:class:`~homodyne_steps.io.cmc_files.CmcParameters`, in memory, before any file is
+written); :meth:`FittedModel.write` writes the file
 (:func:`fitted_io.write_fitted_data`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -27,8 +27,10 @@ from homodyne_steps.inference.likelihood import (
     optimal_scaling,
     stratified_blocks,
 )
+from homodyne_steps.io.cmc_files import AnglePosterior, CmcParameters
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.fitted_io import write_fitted_data
+from homodyne_steps.io.record import ABSENT
 from homodyne_steps.io.serialise import read_npz
 from homodyne_steps.physics.model import make_grid
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
@@ -37,11 +39,11 @@ from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 @dataclass(frozen=True)
 class FittedInputs:
     """What the CMC fitted data needs beyond the posterior: the QC'd data, the NLSQ
-    output folder (its ``fitted_data.npz`` holds the noise model σ(angle, lag)), the
-    dataset's analysis mode and gap L."""
+    ``fitted_data.npz`` (it holds the noise model σ(angle, lag)), the dataset's analysis
+    mode and gap L."""
 
     qc_npz: str | os.PathLike[str]
-    nlsq_dir: str | os.PathLike[str]
+    nlsq_fitted: str | os.PathLike[str]
     analysis_mode: str
     L: float
 
@@ -64,34 +66,32 @@ class FittedModel:
         return Path(path)
 
 
-def _sampled_scaling(per_angle: list[Mapping[str, Any]], n_phi: int) -> bool:
+def _sampled_scaling(per_angle: Sequence[AnglePosterior], n_phi: int) -> bool:
     """Whether the record holds a sampled posterior mean of contrast and offset per angle."""
     return (
         len(per_angle) == n_phi
-        and not any(row.get("derived") for row in per_angle)
-        and all("contrast" in row and "offset" in row for row in per_angle)
+        and not any(row.derived for row in per_angle)
+        and all(row.contrast is not ABSENT and row.offset is not ABSENT for row in per_angle)
     )
 
 
 def cmc_fitted_model(
-    params: Mapping[str, Any], inputs: FittedInputs, params_path: str | os.PathLike[str]
+    params: CmcParameters, inputs: FittedInputs, params_path: str | os.PathLike[str]
 ) -> FittedModel:
     """The model at the posterior means of ``params`` (the CMC ``parameters.json`` record,
     to be written at ``params_path``)."""
     mode, L = inputs.analysis_mode, inputs.L
     names = REGISTRY.physical_names(canonical_mode(mode))
     try:
-        physical = np.array([params["parameters"][n]["mean"] for n in names], dtype=float)
-    except (KeyError, TypeError):
+        physical = np.array([params.parameters[n].mean for n in names], dtype=float)
+    except KeyError:
         raise DataError(f"{Path(params_path)} lacks posterior means of {names}") from None
     data = XpcsData.from_npz(inputs.qc_npz)
-    sigma_lag = read_npz(Path(inputs.nlsq_dir) / "fitted_data.npz", required=("sigma_per_lag",))[
-        "sigma_per_lag"
-    ]
-    per_angle = params.get("per_angle") or []
+    sigma_lag = read_npz(inputs.nlsq_fitted, required=("sigma_per_lag",))["sigma_per_lag"]
+    per_angle = params.per_angle or []
     if _sampled_scaling(per_angle, data.n_phi):
-        contrast = np.array([row["contrast"]["mean"] for row in per_angle], dtype=float)
-        offset = np.array([row["offset"]["mean"] for row in per_angle], dtype=float)
+        contrast = np.array([row.contrast.mean for row in per_angle], dtype=float)
+        offset = np.array([row.offset.mean for row in per_angle], dtype=float)
     else:
         n_pairs = data.n_t * (data.n_t - 1) // 2
         grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt)

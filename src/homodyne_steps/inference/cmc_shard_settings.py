@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from homodyne_steps.physics.coordinates import SAMPLING_COORDINATES
+from homodyne_steps.physics.coordinates import DEFAULT_COORDINATES, SAMPLING_COORDINATES
 from homodyne_steps.settings import check_keys, get_bool, get_choice, get_int, get_number
 
 
@@ -20,7 +20,7 @@ class SamplerSettings:
     max_tree_depth: int = 8
     dense_mass: bool = True
     seed: int = 0
-    reparameterize: str = "rates"  # rates | log_reference | none
+    reparameterize: str = DEFAULT_COORDINATES  # rates | log_reference | none
     adapt_mass_matrix: bool = False  # False: keep the NLSQ-derived metric when available
 
     @classmethod

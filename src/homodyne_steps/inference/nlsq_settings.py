@@ -13,7 +13,7 @@ from homodyne_steps.inference.lm import (
 from homodyne_steps.inference.noise import NoiseSettings
 from homodyne_steps.inference.stratify import ChunkingSettings
 from homodyne_steps.physics.registry import REGISTRY
-from homodyne_steps.physics.scaling import MODES
+from homodyne_steps.physics.scaling import DEFAULT_MODE, MODES
 from homodyne_steps.settings import check_keys, get_choice, get_int, get_number
 
 
@@ -26,7 +26,7 @@ class MultistartSettings:
 
 @dataclass(frozen=True)
 class NlsqSettings:
-    per_angle_scaling: str = "varpro"
+    per_angle_scaling: str = DEFAULT_MODE
     strategy: str = "joint"
     initial_parameters: Mapping[str, float] = field(default_factory=dict)
     fixed_parameters: tuple[str, ...] = ()
@@ -78,7 +78,7 @@ class NlsqSettings:
         if not isinstance(enabled, bool):
             raise ConfigError(f"{where}.multistart.enabled: expected true or false")
         return cls(
-            per_angle_scaling=get_choice(m, "per_angle_scaling", "varpro", MODES, where),
+            per_angle_scaling=get_choice(m, "per_angle_scaling", DEFAULT_MODE, MODES, where),
             strategy=get_choice(m, "strategy", "joint", ("joint", "sequential"), where),
             initial_parameters=init,
             fixed_parameters=tuple(fixed),

@@ -30,6 +30,7 @@ import numpy as np
 
 # ``cmc.sampler.reparameterize``: the coordinates a shard's sampler moves in
 SAMPLING_COORDINATES = ("rates", "log_reference", "none")
+DEFAULT_COORDINATES = "rates"  # cmc.sampler.reparameterize when not set
 # Those whose shards may be combined: they reach every rate of D(t) and γ̇(t) and so
 # cross exponent = 0 (at fixed rates the amplitude passes through ±∞ there). In
 # ``log_reference`` and ``none`` the amplitude is a coordinate: a shard cannot reach the

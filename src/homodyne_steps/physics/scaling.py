@@ -29,6 +29,7 @@ from homodyne_steps.errors import ConfigError
 from homodyne_steps.physics.registry import REGISTRY, Registry
 
 MODES = ("auto", "constant", "individual", "fourier", "varpro")
+DEFAULT_MODE = "varpro"  # nlsq.per_angle_scaling when not set
 FOURIER_ORDER = 2
 
 

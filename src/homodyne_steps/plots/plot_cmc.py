@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from homodyne_steps.inference.cmc_diagnostics import BFMI_WARN  # below: poor exploration
+from homodyne_steps.io.cmc_files import CmcParameters, CombinationReport
+from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 from homodyne_steps.plots.plot_common import (
     PlotError,
@@ -36,13 +38,12 @@ from homodyne_steps.plots.plot_common import (
     grid_shape,
     new_figure_set,
     plt,
-    read_record,
+    read_typed,
     status_colour,
     style,
 )
 
 HDI_PROB = 0.94
-ESS_WARN = 400.0
 ARVIZ_RC = {"plot.max_subplots": 400}
 
 
@@ -356,29 +357,24 @@ def shard_densities(post, shards: Sequence, labels: Sequence[str], names: Sequen
 def _nlsq_values(path: Path | None) -> dict[str, tuple[float, float | None]]:
     if path is None:
         return {}
-    rec = read_record(path, "NLSQ parameters")
-    out = {}
-    for n, p in (rec.get("parameters") or {}).items():
-        if isinstance(p, dict) and isinstance(p.get("value"), int | float):
-            unc = p.get("uncertainty")
-            out[n] = (float(p["value"]), float(unc) if isinstance(unc, int | float) else None)
-    return out
+    rec = read_typed(NlsqParameters, path)
+    return {n: (p.value, p.uncertainty) for n, p in rec.parameters.items()}
 
 
-def _read_cmc_records(cmc_dir: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+def _read_cmc_records(cmc_dir: Path) -> tuple[CmcParameters, CombinationReport, str]:
     """The CMC parameters and combination report of ``cmc_dir``, and its analysis mode."""
-    params = read_record(cmc_dir / "parameters.json", "CMC parameters")
-    report = read_record(cmc_dir / "combination_report.json", "CMC combination report")
+    params = read_typed(CmcParameters, cmc_dir / "parameters.json")
+    report = read_typed(CombinationReport, cmc_dir / "combination_report.json")
     try:
-        mode = canonical_mode(params["analysis_mode"])
-    except (KeyError, ValueError) as exc:
+        mode = canonical_mode(params.analysis_mode)
+    except ValueError as exc:
         raise PlotError(f"{cmc_dir / 'parameters.json'}: no valid analysis_mode ({exc})") from None
     return params, report, mode
 
 
-def _read_shards(paths: Sequence[Path], names: Sequence[str], report: dict[str, Any]):
+def _read_shards(paths: Sequence[Path], names: Sequence[str], report: CombinationReport):
     """The shards' posteriors and their labels (``shard k``, `` (excluded)`` if not kept)."""
-    kept = {row.get("shard"): row.get("kept", True) for row in report.get("per_shard") or []}
+    kept = {row.shard: row.kept for row in report.per_shard}
     shards, labels = [], []
     for path in paths:
         idata = read_idata(path, names, "CMC shard")
@@ -389,12 +385,9 @@ def _read_shards(paths: Sequence[Path], names: Sequence[str], report: dict[str, 
     return shards, labels
 
 
-def _headline(report: dict[str, Any], status: str | None, shown: int, total: int):
+def _headline(report: CombinationReport, status: str, shown: int, total: int):
     """The title head (method, shards, status) and the note when not all shards are shown."""
-    head = (
-        f"CMC {report.get('method', '')}, {report.get('num_shards', total)} shards: "
-        f"{status or 'status unknown'}"
-    )
+    head = f"CMC {report.method}, {report.num_shards} shards: {status}"
     note = f" (first {shown} of {total} shards shown)" if shown < total else ""
     return head, note
 
@@ -468,8 +461,8 @@ def plot_cmc_stage(
     shard_paths = sorted((Path(p) for p in shard_files), key=lambda p: (len(p.stem), p.stem))
     shards, labels = _read_shards(shard_paths[: s.max_shards], names, report)
     nlsq = _nlsq_values(Path(nlsq_parameters) if nlsq_parameters else None)
-    status = (params.get("convergence") or {}).get("status")
-    ess_warn = float((report.get("settings") or {}).get("ess_warn", ESS_WARN))
+    status = params.convergence.status
+    ess_warn = float(report.settings.ess_warn)
     head, note = _headline(report, status, len(shards), len(shard_paths))
     figs = new_figure_set(out_dir, s, "plot_cmc")
     with style(), az.rc_context(rc=ARVIZ_RC), warnings.catch_warnings():

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 
 from homodyne_steps.errors import ConfigError, DataError  # noqa: E402
+from homodyne_steps.io.record import Record  # noqa: E402
 from homodyne_steps.io.serialise import (  # noqa: E402
     SerialisationError,
     atomic_path,
@@ -37,6 +38,8 @@ from homodyne_steps.io.serialise import (  # noqa: E402
     write_json,
 )
 from homodyne_steps.settings import check_keys, get_int  # noqa: E402
+
+R = TypeVar("R", bound=Record)
 
 INDEX_FILE = "figures.json"
 PNG_COMPRESS_LEVEL = 1
@@ -324,6 +327,15 @@ def read_record(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
         return read_json_object(path)
     except SerialisationError as exc:
         raise PlotError(f"{what}: {exc}") from None
+
+
+def read_typed(cls: type[R], path: str | os.PathLike[str]) -> R:
+    """The typed record (:mod:`homodyne_steps.io.record`) in ``path``; a missing or
+    malformed file is a PlotError naming the file and the key."""
+    try:
+        return cls.read(path)
+    except SerialisationError as exc:
+        raise PlotError(str(exc)) from None
 
 
 def read_arrays(path: str | os.PathLike[str], keys: Sequence[str], what: str) -> dict[str, Any]:

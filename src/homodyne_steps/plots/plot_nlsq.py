@@ -19,12 +19,19 @@ Figures (in ``results/{dataset}/plots/nlsq/``), from ``fitted_data.npz``,
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.ticker import NullLocator
 
+from homodyne_steps.io.nlsq_files import (
+    AngleScaling,
+    NlsqAnalysis,
+    NlsqEstimate,
+    NlsqFiles,
+    NlsqParameters,
+)
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 from homodyne_steps.plots.plot_common import (
     HeatmapRow,
@@ -39,7 +46,7 @@ from homodyne_steps.plots.plot_common import (
     plt,
     q_label,
     read_arrays,
-    read_record,
+    read_typed,
     robust_limits,
     status_colour,
     style,
@@ -88,7 +95,7 @@ def show_fit(row: HeatmapRow, fd: dict[str, np.ndarray], k: int, chi2_n: float) 
     )
 
 
-def g2_fit_vs_lag(fd: dict[str, np.ndarray], per_angle: list[dict[str, Any]]):
+def g2_fit_vs_lag(fd: dict[str, np.ndarray], per_angle: Sequence[AngleScaling]):
     """Per angle: data diagonal averages (points) and the fit's (line) against the lag."""
     exp = diagonal_means(fd["c2_exp"])[:, 1:]
     fit = diagonal_means(fd["c2_theoretical_scaled"])[:, 1:]
@@ -118,7 +125,7 @@ def g2_fit_vs_lag(fd: dict[str, np.ndarray], per_angle: list[dict[str, Any]]):
         ax.xaxis.set_minor_locator(NullLocator())  # ~0.05 s an axis; decades suffice
         title = phi_label(float(fd["phi_angles"][k]))
         if k < len(per_angle):
-            c, o = per_angle[k]["contrast"]["value"], per_angle[k]["offset"]["value"]
+            c, o = per_angle[k].contrast.value, per_angle[k].offset.value
             title += f"  (contrast {c:.3f}, offset {o:.3f})"
         ax.set_title(title, fontsize=9.5)
         ax.grid(True, which="major", alpha=0.3)
@@ -173,11 +180,10 @@ def residual_histogram(fd: dict[str, np.ndarray], reduced_chi2: float | None):
     return fig
 
 
-def _covariance(analysis: dict[str, Any], names: tuple[str, ...]) -> np.ndarray:
-    cov = analysis.get("covariance") or {}
-    cov_names = cov.get("names") or []
+def _covariance(analysis: NlsqAnalysis, names: tuple[str, ...]) -> np.ndarray:
+    cov_names = analysis.covariance.names
     # null entries (undefined covariance) become NaN
-    matrix = np.asarray(cov.get("matrix") or [], dtype=np.float64)
+    matrix = np.asarray(analysis.covariance.matrix or [], dtype=np.float64)
     out = np.zeros((len(names), len(names)))
     if matrix.ndim == 2 and matrix.shape == (len(cov_names), len(cov_names)):
         idx = [cov_names.index(n) if n in cov_names else -1 for n in names]
@@ -196,11 +202,13 @@ def parameter_draws(mean: np.ndarray, cov: np.ndarray, n: int, seed: int = 0) ->
     return mean + z @ root.T
 
 
-def transport_coefficients(params: dict[str, Any], cov: np.ndarray, t: np.ndarray, mode: str):
+def transport_coefficients(
+    params: Mapping[str, NlsqEstimate], cov: np.ndarray, t: np.ndarray, mode: str
+):
     """D(t) (and γ̇(t) under flow) at the NLSQ optimum with 68 %/95 % bands; below each,
     the relative half-width of the 68 % band (the bands of precise data are thin)."""
     names = REGISTRY.physical_names(mode)
-    theta = np.array([params[n]["value"] for n in names], dtype=np.float64)
+    theta = np.array([params[n].value for n in names], dtype=np.float64)
     # NaN: a direction the fit could not fix (not_identified); its panel gets no band
     draws = parameter_draws(theta, np.where(np.isfinite(cov), cov, 0.0), N_BAND_DRAWS)
     dt = float(t[1] - t[0]) if t.size > 1 else 1.0
@@ -244,7 +252,7 @@ def transport_coefficients(params: dict[str, Any], cov: np.ndarray, t: np.ndarra
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
         text = "\n".join(
-            f"{n} = {format_value(params[n]['value'], params[n].get('uncertainty'))}{_unit(n)}"
+            f"{n} = {format_value(params[n].value, params[n].uncertainty)}{_unit(n)}"
             for n in pnames
         )
         rising = bool(best[-1] > best[0])  # keep the boxes off the curve
@@ -276,33 +284,30 @@ def transport_coefficients(params: dict[str, Any], cov: np.ndarray, t: np.ndarra
 
 
 def plot_nlsq_stage(
-    nlsq_dir: str | os.PathLike[str],
+    nlsq: NlsqFiles | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     settings: PlotSettings | None = None,
 ) -> dict[str, Any]:
-    """Write the NLSQ figures of the results in ``nlsq_dir``; returns the index."""
+    """Write the NLSQ figures of the results ``nlsq`` (its files, or the NLSQ folder);
+    returns the index."""
     s = settings or PlotSettings()
-    nlsq_dir = Path(nlsq_dir)
-    params = read_record(nlsq_dir / "parameters.json", "NLSQ parameters")
-    analysis = read_record(nlsq_dir / "analysis_results_nlsq.json", "NLSQ analysis")
-    fd = read_arrays(nlsq_dir / "fitted_data.npz", FITTED_KEYS, "NLSQ fitted data")
+    files = NlsqFiles.of(nlsq)
+    params = read_typed(NlsqParameters, files.parameters)
+    analysis = read_typed(NlsqAnalysis, files.analysis)
+    fd = read_arrays(files.fitted, FITTED_KEYS, "NLSQ fitted data")
     try:
-        mode = canonical_mode(params["analysis_mode"])
-        values = params["parameters"]
-        names = REGISTRY.physical_names(mode)
-        missing = [
-            n for n in names if not isinstance(values.get(n), dict) or "value" not in values[n]
-        ]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PlotError(
-            f"{nlsq_dir / 'parameters.json'}: not an NLSQ parameters record ({exc})"
-        ) from None
+        mode = canonical_mode(params.analysis_mode)
+    except ValueError as exc:
+        raise PlotError(f"{files.parameters}: {exc}") from None
+    values = params.parameters
+    names = REGISTRY.physical_names(mode)
+    missing = [n for n in names if n not in values]
     if missing:
-        raise PlotError(f"{nlsq_dir / 'parameters.json'}: no values for {missing}")
-    per_angle = params.get("per_angle") or []
+        raise PlotError(f"{files.parameters}: no values for {missing}")
+    per_angle = params.per_angle
     n_phi = fd["c2_exp"].shape[0]
     if fd["c2_exp"].ndim != 3 or fd["phi_angles"].shape != (n_phi,):
-        raise PlotError(f"{nlsq_dir / 'fitted_data.npz'}: c2_exp must be (angles, t, t)")
+        raise PlotError(f"{files.fitted}: c2_exp must be (angles, t, t)")
     n_t = fd["c2_exp"].shape[1]
     n_upper = n_t * (n_t - 1) // 2
     figs = new_figure_set(out_dir, s, "plot_nlsq")
@@ -310,7 +315,7 @@ def plot_nlsq_stage(
         row = HeatmapRow(s.max_pixels)
         try:
             for k, name in enumerate(angle_file_names("c2_heatmaps", fd["phi_angles"])):
-                chi2 = per_angle[k]["chi_squared"] if k < len(per_angle) else np.nan
+                chi2 = per_angle[k].chi_squared if k < len(per_angle) else np.nan
                 show_fit(row, fd, k, float(chi2) / max(n_upper, 1))
                 phi = float(fd["phi_angles"][k])
                 figs.save(
@@ -332,7 +337,7 @@ def plot_nlsq_stage(
             "diagonal averages of the data (points) and of the fit (line) per angle",
         )
         figs.save(
-            residual_histogram(fd, params.get("reduced_chi_squared")),
+            residual_histogram(fd, params.reduced_chi_squared),
             "residual_histogram.png",
             HIST_SIZE,
             "residual histogram",
@@ -349,9 +354,9 @@ def plot_nlsq_stage(
             "D(t) and (laminar flow) gamma_dot(t) at the NLSQ optimum with 68 % and "
             "95 % bands from the fit covariance",
         )
-    quality = (analysis.get("fit_quality") or {}).get("quality_flag")
+    quality = analysis.fit_quality.quality_flag
     return figs.finish(
-        inputs={"nlsq_dir": str(nlsq_dir)},
+        inputs={"nlsq_dir": str(files.parameters.parent)},
         analysis_mode=mode,
         quality_flag=quality,
     )

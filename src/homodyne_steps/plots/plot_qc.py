@@ -14,12 +14,14 @@ import textwrap
 from typing import Any
 
 from homodyne_steps.data.qc_rules import DEDUCTIONS, FATAL_CHECKS
+from homodyne_steps.io.data_files import QcCheckpoint, QcOverall, QcReport
+from homodyne_steps.io.record import RecordError
+from homodyne_steps.io.serialise import SerialisationError
 from homodyne_steps.plots.plot_common import (
     PlotError,
     PlotSettings,
     new_figure_set,
     plt,
-    read_record,
     status_colour,
     style,
 )
@@ -30,51 +32,53 @@ MAX_LINES = 22  # issue/repair lines on the page; the rest is counted
 WRAP = 138  # characters of 8.5 pt monospace that fit the page's 10.1 in text width
 
 
-def _lines(report: dict[str, Any]) -> list[tuple[str, str]]:
+def _checkpoint(report: QcReport, name: str) -> QcCheckpoint:
+    return getattr(report.checkpoints, name)
+
+
+def _lines(report: QcReport) -> list[tuple[str, str]]:
     """(colour, text) lines: final issues, recommendations, repairs, resolved issues."""
     out: list[tuple[str, str]] = []
-    final = report["checkpoints"].get("final") or {}
-    issues = final.get("issues") or []
+    final = report.checkpoints.final
+    issues = final.issues
     out.append(("black", f"Issues at the final checkpoint ({len(issues)}):"))
     for i in issues:
-        colour = status_colour("fail" if i.get("severity") == "error" else "warn")
-        out.append((colour, f"  [{i.get('severity', '?')}] {i.get('message', '')}"))
+        colour = status_colour("fail" if i.severity == "error" else "warn")
+        out.append((colour, f"  [{i.severity}] {i.message}"))
     if not issues:
         out.append((status_colour("good"), "  none"))
-    recs = final.get("recommendations") or []
-    if recs:
+    if final.recommendations:
         out.append(("black", "Recommendations:"))
-        out.extend(("0.25", f"  - {r}") for r in recs)
-    repairs = report.get("repairs") or []
+        out.extend(("0.25", f"  - {r}") for r in final.recommendations)
+    repairs = report.repairs
     out.append(("black", f"Repairs applied ({len(repairs)}):"))
     for r in repairs:
-        where = f"angle {r.get('angle_index')} (phi={r.get('phi', float('nan')):g} deg)"
-        out.append(
-            ("0.25", f"  {r.get('what')}: {where}, {r.get('count')} elements, {r.get('method')}")
-        )
+        where = f"angle {r.angle_index} (phi={r.phi:g} deg)"
+        out.append(("0.25", f"  {r.what}: {where}, {r.count} elements, {r.method}"))
     if not repairs:
         out.append((status_colour("good"), "  none needed"))
-    masked = final.get("masked") or {}
-    if masked.get("count"):
+    masked = final.masked
+    if masked.count:
         out.append(
             (
                 "black",
-                f"Masked (NaN, not fitted) at the final checkpoint: {masked['count']} of "
-                f"{masked.get('of')} off-diagonal pairs ({100 * masked.get('fraction', 0):.1f} %)",
+                f"Masked (NaN, not fitted) at the final checkpoint: {masked.count} of "
+                f"{masked.of} off-diagonal pairs ({100 * masked.fraction:.1f} %)",
             )
         )
-    dropped = report.get("dropped_angles") or []
+    dropped = report.dropped_angles
     if dropped:
         out.append(("black", f"Angles dropped from the final data ({len(dropped)}):"))
         for d in dropped:
-            where = f"angle {d.get('angle_index')} (phi={d.get('phi', float('nan')):g} deg)"
-            out.append((status_colour("warn"), f"  {where}: {d.get('reason')}"))
+            where = f"angle {d.angle_index} (phi={d.phi:g} deg)"
+            out.append((status_colour("warn"), f"  {where}: {d.reason}"))
     earlier = []
-    final_codes = {(i.get("code"), i.get("angle_index")) for i in issues}
+    # angle_index is ABSENT (one object) on dataset-level issues, so the pairs compare
+    final_codes = {(i.code, i.angle_index) for i in issues}
     for name in CHECKPOINTS[:-1]:
-        for i in (report["checkpoints"].get(name) or {}).get("issues") or []:
-            if (i.get("code"), i.get("angle_index")) not in final_codes:
-                earlier.append(f"  {name}: {i.get('message', '')}")
+        for i in _checkpoint(report, name).issues:
+            if (i.code, i.angle_index) not in final_codes:
+                earlier.append(f"  {name}: {i.message}")
     if earlier:
         out.append(("black", "Found earlier, gone at the final checkpoint:"))
         out.extend(("0.35", e) for e in dict.fromkeys(earlier))
@@ -91,36 +95,37 @@ def _page_axes():
     return fig, fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1]), fig.add_subplot(gs[1, :])
 
 
-def _score_panel(ax, report: dict[str, Any]) -> None:
+def _score_panel(ax, report: QcReport) -> None:
     """Draws the score at each checkpoint as bars against the pass/warn/excellent lines."""
-    thresholds = report.get("thresholds") or {}
-    scores = [(report["checkpoints"].get(c) or {}).get("score") for c in CHECKPOINTS]
-    labels = [(report["checkpoints"].get(c) or {}).get("label") for c in CHECKPOINTS]
+    thresholds = report.thresholds
+    scores = [_checkpoint(report, c).score for c in CHECKPOINTS]
+    labels = [_checkpoint(report, c).label for c in CHECKPOINTS]
     x = range(len(CHECKPOINTS))
-    bars = ax.bar(
-        x, [s or 0 for s in scores], color=[status_colour(lab) for lab in labels], width=0.6
-    )
+    bars = ax.bar(x, scores, color=[status_colour(lab) for lab in labels], width=0.6)
     for b, s, lab in zip(bars, scores, labels, strict=True):
         ax.text(
             b.get_x() + b.get_width() / 2,
-            (s or 0) + 1.5,
-            "n/a" if s is None else f"{s:.1f}\n{lab}",
+            s + 1.5,
+            f"{s:.1f}\n{lab}",
             ha="center",
             va="bottom",
             fontsize=9,
         )
-    for key, style_ in (("pass", ":"), ("warn", "--"), ("excellent", "-.")):
-        if key in thresholds:
-            ax.axhline(thresholds[key], color="0.3", ls=style_, lw=1)
-            ax.text(
-                len(CHECKPOINTS) + 0.25,
-                thresholds[key] + 0.8,
-                f"{key} {thresholds[key]:g}",
-                va="bottom",
-                ha="right",
-                fontsize=8,
-                color="0.3",
-            )
+    for key, value, style_ in (
+        ("pass", thresholds.pass_, ":"),
+        ("warn", thresholds.warn, "--"),
+        ("excellent", thresholds.excellent, "-."),
+    ):
+        ax.axhline(value, color="0.3", ls=style_, lw=1)
+        ax.text(
+            len(CHECKPOINTS) + 0.25,
+            value + 0.8,
+            f"{key} {value:g}",
+            va="bottom",
+            ha="right",
+            fontsize=8,
+            color="0.3",
+        )
     ax.set_xticks(list(x), CHECKPOINTS)
     ax.set_ylim(0, 118)
     ax.set_xlim(-0.6, len(CHECKPOINTS) + 0.3)
@@ -128,9 +133,9 @@ def _score_panel(ax, report: dict[str, Any]) -> None:
     ax.set_title("score at each checkpoint")
 
 
-def _deduction_panel(ax, report: dict[str, Any]) -> None:
+def _deduction_panel(ax, report: QcReport) -> None:
     """Draws the points each check took at the final checkpoint, out of its maximum."""
-    deductions = (report["checkpoints"].get("final") or {}).get("deductions") or {}
+    deductions = report.checkpoints.final.deductions
     # A dataset-level verdict takes all 100 points: shown only when it was taken, so the
     # usual checks keep a readable scale.
     checks = [k for k in DEDUCTIONS if k not in FATAL_CHECKS or k in deductions]
@@ -180,27 +185,36 @@ def _text_panel(ax, lines: list[tuple[str, str]]) -> None:
         )
 
 
-def _page_title(fig, overall: dict[str, Any], dataset: str | None) -> None:
+def _page_title(fig, overall: QcOverall, dataset: str | None) -> None:
     """Writes the page title: overall score, label and status, coloured by the status."""
     name = f"{dataset}: " if dataset else ""
     fig.suptitle(
-        f"{name}QC score {overall.get('score', float('nan')):.1f} / 100 — {overall.get('label')} "
-        f"(status {overall.get('status')}, {'passed' if overall.get('passed') else 'FAILED'})",
-        color=status_colour(overall.get("status")),
+        f"{name}QC score {overall.score:.1f} / 100 — {overall.label} "
+        f"(status {overall.status}, {'passed' if overall.passed else 'FAILED'})",
+        color=status_colour(overall.status),
         fontsize=14,
         fontweight="bold",
     )
 
 
-def qc_page(report: dict[str, Any], dataset: str | None = None):
+def qc_page(report: QcReport, dataset: str | None = None):
     """Draws the QC summary page of ``report`` (scores, deductions, issues, title)."""
-    overall = report["overall"]
     fig, ax_scores, ax_deduct, ax_text = _page_axes()
     _score_panel(ax_scores, report)
     _deduction_panel(ax_deduct, report)
     _text_panel(ax_text, _lines(report))
-    _page_title(fig, overall, dataset)
+    _page_title(fig, report.overall, dataset)
     return fig
+
+
+def read_qc_report(path: str | os.PathLike[str]) -> QcReport:
+    """The QC report at ``path``; PlotError naming the file (and the key) otherwise."""
+    try:
+        return QcReport.read(path)
+    except RecordError as exc:
+        raise PlotError(f"not a QC report: {exc}") from None
+    except SerialisationError as exc:  # missing, unreadable, not JSON, not an object
+        raise PlotError(f"QC report: {exc}") from None
 
 
 def plot_qc_stage(
@@ -212,10 +226,7 @@ def plot_qc_stage(
 ) -> dict[str, Any]:
     """Write ``qc_summary.png`` for ``qc_report``; returns the index."""
     s = settings or PlotSettings()
-    report = read_record(qc_report, "QC report")
-    for key in ("checkpoints", "overall"):
-        if not isinstance(report.get(key), dict):
-            raise PlotError(f"{qc_report}: not a QC report (no {key!r} mapping)")
+    report = read_qc_report(qc_report)
     figs = new_figure_set(out_dir, s, "plot_qc")
     with style():
         figs.save(
@@ -225,4 +236,4 @@ def plot_qc_stage(
             "QC summary",
             "QC score per checkpoint against the thresholds, deductions, issues and repairs",
         )
-    return figs.finish(inputs={"qc_report": str(qc_report)}, score=report["overall"].get("score"))
+    return figs.finish(inputs={"qc_report": str(qc_report)}, score=report.overall.score)

@@ -36,14 +36,9 @@ from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.inference.cmc_diagnostics import diagnose
 from homodyne_steps.inference.cmc_fitted import FittedInputs, FittedModel, cmc_fitted_model
 from homodyne_steps.inference.consensus import METHODS, combine_shards
-from homodyne_steps.io.serialise import (
-    SerialisationError,
-    atomic_path,
-    read_json,
-    to_jsonable,
-    write_json,
-    write_npz,
-)
+from homodyne_steps.io.nlsq_files import NlsqParameters
+from homodyne_steps.io.record import Record
+from homodyne_steps.io.serialise import SerialisationError, atomic_path, write_npz
 from homodyne_steps.io.shard_io import read_shards
 from homodyne_steps.physics.registry import canonical_mode
 from homodyne_steps.settings import check_keys, get_choice, get_number
@@ -148,18 +143,14 @@ class CombineOutcome:
         return self.quality["convergence_status"]
 
 
-def _read_nlsq(path: Path, mode: str) -> dict[str, Any]:
+def _read_nlsq(path: Path, mode: str) -> NlsqParameters:
     try:
-        rec = read_json(path)
+        rec = NlsqParameters.read(path)
     except SerialisationError as exc:
         raise DataError(f"NLSQ parameters: {exc}") from None
-    params = rec.get("parameters") if isinstance(rec, dict) else None
-    if not isinstance(params, dict):
-        raise DataError(f"{path}: expected NLSQ parameters.json with a 'parameters' mapping")
-    nlsq_mode = rec.get("analysis_mode")
-    if nlsq_mode is not None and canonical_mode(nlsq_mode) != mode:
+    if canonical_mode(rec.analysis_mode) != mode:
         raise DataError(
-            f"{path}: NLSQ analysis_mode {nlsq_mode!r} differs from the shards' {mode!r}"
+            f"{path}: NLSQ analysis_mode {rec.analysis_mode!r} differs from the shards' {mode!r}"
         )
     return rec
 
@@ -174,7 +165,7 @@ def _write_outputs(
     npz: Mapping[str, np.ndarray],
     idata: Any,
     fitted: FittedModel | None,
-    records: Mapping[str, Any],
+    records: Mapping[str, Record],
 ) -> list[Path]:
     """Write every output, ``parameters.json`` last; on any failure remove them all."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +179,7 @@ def _write_outputs(
         if fitted is not None:
             written.append(fitted.write(out_dir / FITTED_FILE))
         for name, record in records.items():
-            written.append(write_json(out_dir / name, record))
+            written.append(record.write(out_dir / name))
     except BaseException:
         _remove_outputs(out_dir)
         raise
@@ -224,10 +215,8 @@ def combine_stage(
     diagnosis = diagnose(shards, combination, s, nlsq)
     nlsq_rec = None if nlsq is None else nlsq[0]
     run = CombinedRun(shards, combination, diagnosis, s, nlsq_rec, time.perf_counter() - start)
-    # Everything serialisable is checked before the first write.
-    records = {
-        name: to_jsonable(build(run), null_non_finite=True) for name, build in RECORDS.items()
-    }
+    # Every record is built (and checked against its type) before the first write.
+    records = {name: build(run) for name, build in RECORDS.items()}
     model = None
     if fitted is not None:
         model = cmc_fitted_model(records["parameters.json"], fitted, out_dir / "parameters.json")

@@ -34,8 +34,9 @@ import numpy as np
 
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.inference.stratify import diagnose, stratified_plan
+from homodyne_steps.io.cmc_files import CmcPlan, PlanDecision
 from homodyne_steps.io.dataset import XpcsData
-from homodyne_steps.io.serialise import write_json, write_npz
+from homodyne_steps.io.serialise import write_npz
 from homodyne_steps.physics.coordinates import SAMPLING_COORDINATES, SHARDABLE_COORDINATES
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 from homodyne_steps.physics.scaling import fourier_order
@@ -155,6 +156,8 @@ def cmc_plan_stage(
     settings: ShardingSettings,
     sampling_coordinates: str = "rates",
 ) -> dict[str, Any]:
+    """Write ``plan.npz`` and ``plan.json`` (:class:`~homodyne_steps.io.cmc_files.CmcPlan`);
+    returns plan.json's mapping."""
     start = time.perf_counter()
     data = XpcsData.from_npz(qc_npz)
     n_pairs = data.n_t * (data.n_t - 1) // 2
@@ -189,26 +192,26 @@ def cmc_plan_stage(
     mapped = np.where(pos < n_points, ids[np.minimum(pos, n_points - 1)], n_ids)
     indices = mapped.astype(np.int32 if n_ids < 2**31 - 1 else np.int64)
     write_npz(out_npz, indices=indices, n_points=np.int64(n_points), n_ids=np.int64(n_ids))
-    record = {
-        "schema_version": SCHEMA_VERSION,
-        "num_shards": plan.n_chunks,
-        "n_points": n_points,
-        "n_masked": n_ids - n_points,
-        "n_angles": data.n_phi,
-        "n_time_points": data.n_t,
-        "n_sampled_parameters": n_params,
-        "analysis_mode": canonical_mode(mode),
-        "per_angle_scaling": scaling_mode,
-        "sampling_coordinates": sampling_coordinates,
-        "points_per_shard": [int(x) for x in plan.valid.sum(axis=1)],
-        "seed": settings.seed,
-        "settings": asdict(settings),
-        "decisions": decisions,
-        "stratification": diag,
-        "point_ids": "id = angle * n_pairs + pair, pairs in numpy.triu_indices(n_t, 1) order; "
+    record = CmcPlan(
+        schema_version=SCHEMA_VERSION,
+        num_shards=int(plan.n_chunks),
+        n_points=n_points,
+        n_masked=int(n_ids - n_points),
+        n_angles=int(data.n_phi),
+        n_time_points=int(data.n_t),
+        n_sampled_parameters=n_params,
+        analysis_mode=canonical_mode(mode),
+        per_angle_scaling=scaling_mode,
+        sampling_coordinates=sampling_coordinates,
+        points_per_shard=[int(x) for x in plan.valid.sum(axis=1)],
+        seed=settings.seed,
+        settings=asdict(settings),
+        decisions=[PlanDecision(**d) for d in decisions],
+        stratification=diag,
+        point_ids="id = angle * n_pairs + pair, pairs in numpy.triu_indices(n_t, 1) order; "
         "plan.npz 'indices' (num_shards, m), padded with n_ids = n_angles * n_pairs; ids "
         "of masked (non-finite) c2 are in no shard",
-        "duration_s": time.perf_counter() - start,
-    }
-    write_json(out_json, record)
-    return record
+        duration_s=time.perf_counter() - start,
+    )
+    record.write(out_json)
+    return record.to_json()

@@ -4,15 +4,18 @@ One function per output: :func:`parameters_record` (``parameters.json``, the sen
 :func:`analysis_record` (``analysis_results_cmc.json``), :func:`diagnostics_record`
 (``diagnostics.json``), :func:`combination_report` (``combination_report.json``),
 :func:`samples_arrays` (``samples.npz``) and :func:`combined_idata` (``posterior.nc``).
-Nothing here writes a file (:mod:`cmc_combine` does). JSON never holds NaN: an undefined
-number (R-hat of one chain, say) is ``null`` (``to_jsonable(..., null_non_finite=True)``).
+Nothing here writes a file (:mod:`cmc_combine` does). The JSON ones are typed records
+(:mod:`homodyne_steps.io.cmc_files`), built from the values as they are written: JSON
+never holds NaN, an undefined number (R-hat of one chain, say) is ``null``
+(``to_jsonable(..., null_non_finite=True)``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -23,7 +26,15 @@ from homodyne_steps.inference.cmc_diagnostics import (
     Thresholds,
 )
 from homodyne_steps.inference.consensus import Combination, SelectionRules, heterogeneity
-from homodyne_steps.io.serialise import finite_or_none
+from homodyne_steps.io.cmc_files import (
+    CmcAnalysis,
+    CmcDiagnostics,
+    CmcParameters,
+    CombinationReport,
+)
+from homodyne_steps.io.nlsq_files import NlsqParameters
+from homodyne_steps.io.record import Record, RecordError
+from homodyne_steps.io.serialise import finite_or_none, to_jsonable
 from homodyne_steps.io.shard_io import Shard
 from homodyne_steps.physics.cmc_space import COMBINATION
 from homodyne_steps.physics.registry import REGISTRY
@@ -31,6 +42,8 @@ from homodyne_steps.physics.registry import REGISTRY
 SCHEMA_VERSION = 1
 NPZ_SCHEMA_VERSION = (1, 0)
 STAT_KEYS = ("mean", "std", "hdi_3%", "hdi_97%", "r_hat", "ess_bulk", "ess_tail")
+
+R = TypeVar("R", bound=Record)
 
 
 class RecordSettings(Thresholds, SelectionRules, Protocol):
@@ -49,7 +62,7 @@ class CombinedRun:
     combination: Combination
     diagnosis: Diagnosis
     settings: RecordSettings
-    nlsq_rec: dict[str, Any] | None
+    nlsq_rec: NlsqParameters | None
     combine_s: float
 
     @property
@@ -65,6 +78,17 @@ class CombinedRun:
         return self.first.names
 
 
+def _record(cls: type[R], mapping: Mapping[str, Any]) -> R:
+    """The record of ``mapping`` as it is written (numpy to JSON types, non-finite numbers
+    to null); RecordError when a value is of the wrong kind or the record would not write
+    the mapping back unchanged (a key it does not declare)."""
+    clean = to_jsonable(mapping, null_non_finite=True)
+    rec = cls.from_json(clean)
+    if json.dumps(rec.to_json()) != json.dumps(clean):
+        raise RecordError(f"{cls.WHAT}: {cls.__name__} does not hold every key of the file")
+    return rec
+
+
 def _stat_mean(shards: Sequence[Shard], key: str) -> float | None:
     vals = [np.asarray(s.stats[key], dtype=np.float64) for s in shards if s.stats[key] is not None]
     return finite_or_none(np.mean(np.concatenate([v.ravel() for v in vals]))) if vals else None
@@ -74,8 +98,8 @@ def _n_phi(run: CombinedRun) -> int | None:
     """Angles of the data: from the shards' per-angle scaling, else from NLSQ."""
     first, nlsq_rec = run.first, run.nlsq_rec
     n_phi = max(first.scaling.values()) if first.scaling else None
-    if n_phi is None and nlsq_rec is not None and isinstance(nlsq_rec.get("per_angle"), list):
-        n_phi = len(nlsq_rec["per_angle"])
+    if n_phi is None and nlsq_rec is not None:
+        n_phi = len(nlsq_rec.per_angle)
     return n_phi
 
 
@@ -151,10 +175,10 @@ def _convergence(run: CombinedRun) -> dict[str, Any]:
     }
 
 
-def parameters_record(run: CombinedRun) -> dict[str, Any]:
+def parameters_record(run: CombinedRun) -> CmcParameters:
     """``parameters.json``: posterior statistics per parameter and per angle, convergence."""
     first, summary = run.first, run.diagnosis.summary
-    return {
+    mapping = {
         "schema_version": SCHEMA_VERSION,
         "method": "cmc",
         "analysis_mode": first.analysis_mode,
@@ -169,6 +193,7 @@ def parameters_record(run: CombinedRun) -> dict[str, Any]:
         "sampling_summary": sampling_summary(run),
         "noise_scale": first.meta.get("noise_scale"),
     }
+    return _record(CmcParameters, mapping)
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,10 +215,10 @@ def _dataset_info(run: CombinedRun) -> dict[str, Any]:
     }
 
 
-def analysis_record(run: CombinedRun) -> dict[str, Any]:
+def analysis_record(run: CombinedRun) -> CmcAnalysis:
     """``analysis_results_cmc.json``: quality in words, data, sampling, priors, NLSQ."""
     quality, s = run.diagnosis.quality, run.settings
-    return {
+    mapping = {
         "schema_version": SCHEMA_VERSION,
         "method": "cmc",
         "analysis_mode": run.first.analysis_mode,
@@ -219,6 +244,7 @@ def analysis_record(run: CombinedRun) -> dict[str, Any]:
         "nlsq_comparison": run.diagnosis.comparison,
         "settings": s.to_mapping(),
     }
+    return _record(CmcAnalysis, mapping)
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,7 +300,7 @@ def _thresholds(s: RecordSettings) -> dict[str, Any]:
     }
 
 
-def diagnostics_record(run: CombinedRun) -> dict[str, Any]:
+def diagnostics_record(run: CombinedRun) -> CmcDiagnostics:
     """``diagnostics.json``: thresholds, per-parameter labels, sampler efficiency, shards."""
     d, s, kept = run.diagnosis, run.settings, run.kept
     quality = d.quality
@@ -283,7 +309,7 @@ def diagnostics_record(run: CombinedRun) -> dict[str, Any]:
         for sh in kept
         if sh.stats["tree_depth"] is not None
     ]
-    return {
+    mapping = {
         "schema_version": SCHEMA_VERSION,
         "convergence": {
             "r_hat_threshold": s.rhat_acceptable,
@@ -309,6 +335,7 @@ def diagnostics_record(run: CombinedRun) -> dict[str, Any]:
             "shard_summary": [_shard_entry(run, sh) for sh in run.shards],
         },
     }
+    return _record(CmcDiagnostics, mapping)
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,12 +383,12 @@ def _heterogeneity_entry(run: CombinedRun) -> dict[str, Any]:
     }
 
 
-def combination_report(run: CombinedRun) -> dict[str, Any]:
+def combination_report(run: CombinedRun) -> CombinationReport:
     """``combination_report.json``: which shards were combined, how, and how they agree."""
     s, d, names, first = run.settings, run.diagnosis, run.names, run.first
     sel = run.combination.selection
     excluded, flagged_kept = sel.excluded, sel.flagged_kept
-    return {
+    mapping = {
         "schema_version": SCHEMA_VERSION,
         "method": s.method,
         "settings": s.to_mapping(),
@@ -389,6 +416,7 @@ def combination_report(run: CombinedRun) -> dict[str, Any]:
         "combined_mean": dict(zip(names, d.summary["mean"].tolist(), strict=True)),
         "heterogeneity": _heterogeneity_entry(run),
     }
+    return _record(CombinationReport, mapping)
 
 
 # ---------------------------------------------------------------------------------------

@@ -50,10 +50,10 @@ from homodyne_steps.inference.likelihood import (
 from homodyne_steps.inference.noise import noise_scale_record
 from homodyne_steps.inference.shard_mode import ShardMode, shard_mode
 from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.io.serialise import (
     atomic_path,
     finite_or_none,
-    read_json,
     read_npz,
     write_json,
 )
@@ -92,19 +92,19 @@ class ShardInputs:
     points: tuple = ()  # (i, j, a, d, w) of the shard's blocks: constant over the sampling
 
 
-def _prior_arrays(names, registry: Registry, prior: PriorSettings, nlsq: Mapping[str, Any]):
+def _prior_arrays(names, registry: Registry, prior: PriorSettings, nlsq: NlsqParameters):
     lo, hi = registry.bounds(names)
     mu = np.array([registry[n].prior_mu for n in names])
     sd = np.array([registry[n].prior_sigma for n in names])
     if prior.type == "nlsq":
         for k, n in enumerate(names):
-            p = nlsq["parameters"][n]
-            if p.get("uncertainty") is None or not p["uncertainty"] > 0:
+            p = nlsq.parameters[n]
+            if p.uncertainty is None or not p.uncertainty > 0:
                 raise DataError(
                     f"cmc.prior.type nlsq: the NLSQ result has no usable uncertainty for {n}"
                 )
-            mu[k] = np.clip(p["value"], lo[k], hi[k])
-            sd[k] = prior.nlsq_width * p["uncertainty"]
+            mu[k] = np.clip(p.value, lo[k], hi[k])
+            sd[k] = prior.nlsq_width * p.uncertainty
     return mu, sd, lo, hi
 
 
@@ -189,7 +189,7 @@ def prepare_shard(
     data: XpcsData,
     plan_indices: np.ndarray,
     shard: int,
-    nlsq_params: Mapping[str, Any],
+    nlsq_params: NlsqParameters,
     sigma_lag: np.ndarray,
     *,
     mode: str,
@@ -198,10 +198,8 @@ def prepare_shard(
     registry: Registry = REGISTRY,
 ) -> ShardInputs:
     mode = canonical_mode(mode)
-    if nlsq_params.get("analysis_mode") != mode:
-        raise DataError(
-            f"the NLSQ result is for {nlsq_params.get('analysis_mode')!r} mode, not {mode!r}"
-        )
+    if nlsq_params.analysis_mode != mode:
+        raise DataError(f"the NLSQ result is for {nlsq_params.analysis_mode!r} mode, not {mode!r}")
     names = registry.physical_names(mode)
     n_phi, n_t = data.n_phi, data.n_t
     n_pairs = n_t * (n_t - 1) // 2
@@ -219,9 +217,9 @@ def prepare_shard(
     blocks = np.where(local < ids.size, ids[np.minimum(local, ids.size - 1)], n_total)
     noise_scale = noise_scale_from_nlsq(nlsq_params)
     fit_data = make_fit_data(data.c2_exp, np.asarray(sigma_lag) * noise_scale["sigma_factor"])
-    scaling_mode = nlsq_params.get("per_angle_scaling", "varpro")
-    c0 = np.array([p["contrast"]["value"] for p in nlsq_params["per_angle"]])
-    o0 = np.array([p["offset"]["value"] for p in nlsq_params["per_angle"]])
+    scaling_mode = nlsq_params.scaling_mode
+    c0 = np.array([p.contrast.value for p in nlsq_params.per_angle])
+    o0 = np.array([p.offset.value for p in nlsq_params.per_angle])
     if c0.size != n_phi:
         raise DataError(f"the NLSQ result has {c0.size} angles; the data has {n_phi}")
     if scaling_mode == "constant":
@@ -241,8 +239,7 @@ def prepare_shard(
         t=data.t1,
     )
     init_physical = [
-        float(np.clip(nlsq_params["parameters"][n]["value"], lo[k], hi[k]))
-        for k, n in enumerate(names)
+        float(np.clip(nlsq_params.parameters[n].value, lo[k], hi[k])) for k, n in enumerate(names)
     ]
     # the NLSQ optimum may have a negative mean shear rate; its mirror image has the same c2
     init_theta = with_shear_convention(np.array([*init_physical, *s_start]), space)
@@ -265,25 +262,20 @@ def prepare_shard(
     )
 
 
-def _surrogate_sd(nlsq_params: Mapping[str, Any], names, space: SampledSpace) -> np.ndarray:
+def _surrogate_sd(nlsq_params: NlsqParameters, names, space: SampledSpace) -> np.ndarray:
     """θ widths of the surrogate prior: the NLSQ uncertainty where it exists, else the
     prior's σ (the scaling parameters, or a parameter NLSQ could not determine)."""
     sd = np.array(space.prior_sigma, dtype=np.float64)
     for k, n in enumerate(names):
-        unc = nlsq_params["parameters"][n].get("uncertainty")
-        if isinstance(unc, int | float) and math.isfinite(unc) and unc > 0:
+        unc = nlsq_params.parameters[n].uncertainty
+        if unc is not None and math.isfinite(unc) and unc > 0:
             sd[k] = min(float(unc), sd[k])
     return sd
 
 
-def noise_scale_from_nlsq(nlsq_params: Mapping[str, Any]) -> dict[str, Any]:
+def noise_scale_from_nlsq(nlsq_params: NlsqParameters) -> dict[str, Any]:
     """How σ is scaled (:func:`noise.noise_scale_record`), from the NLSQ result."""
-    chi2_red = nlsq_params.get("reduced_chi_squared")
-    if not isinstance(chi2_red, int | float) or isinstance(chi2_red, bool):
-        raise DataError(
-            "the NLSQ result has no reduced_chi_squared; the CMC likelihood scales σ by it "
-            "(rerun the NLSQ stage)"
-        )
+    chi2_red = nlsq_params.reduced_chi_squared
     if not (math.isfinite(chi2_red) and chi2_red > 0):
         raise DataError(
             f"the NLSQ result's reduced_chi_squared is {chi2_red!r}; the CMC likelihood needs "
@@ -559,7 +551,7 @@ def _read_inputs(qc_npz, plan_npz, nlsq_parameters, nlsq_fitted):
     """(data, plan indices, NLSQ parameters record, NLSQ σ per lag) of a shard."""
     data = XpcsData.from_npz(qc_npz)
     plan = read_npz(plan_npz, required=("indices",))["indices"]
-    nlsq_params = read_json(nlsq_parameters)
+    nlsq_params = NlsqParameters.read(nlsq_parameters)
     sigma_lag = read_npz(nlsq_fitted, required=("sigma_per_lag",))["sigma_per_lag"]
     if sigma_lag.shape != (data.n_phi, data.n_t):
         raise DataError(

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from homodyne_steps.errors import ConfigError
+from homodyne_steps.io.data_files import FilterDrop, FilterKept, FilterReport
 from homodyne_steps.io.dataset import XpcsData
-from homodyne_steps.io.serialise import write_json
 from homodyne_steps.settings import check_keys, get_bool, get_number
 
 MIN_FRAMES = 3
@@ -173,23 +173,34 @@ class _Drops:
 
     data: XpcsData
     keep: np.ndarray
-    dropped: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[FilterDrop] = field(default_factory=list)
 
     def angles(self, mask: np.ndarray, reason: str) -> None:
         """Drop the kept angles where ``mask`` is False, recording ``reason``."""
         for k in np.flatnonzero(self.keep & ~mask):
-            self.dropped.append({
-                "kind": "angle",
-                "index": int(k),
-                "phi_deg": float(self.data.phi_angles_list[k]),
-                "q": float(self.data.wavevector_q_list[k]),
-                "reason": reason,
-            })  # fmt: skip
+            self.dropped.append(
+                FilterDrop(
+                    kind="angle",
+                    index=int(k),
+                    phi_deg=float(self.data.phi_angles_list[k]),
+                    q=float(self.data.wavevector_q_list[k]),
+                    reason=reason,
+                )
+            )
         self.keep &= mask
 
 
 def apply_filter(data: XpcsData, s: FilterSettings) -> tuple[XpcsData, dict[str, Any]]:
-    """Apply the selections; return the kept data and the record of what was dropped."""
+    """Apply the selections; return the kept data and the record of what was kept and
+    dropped (the report's ``kept``, ``dropped``, ``input_shape`` and ``output_shape``,
+    as written)."""
+    out, record = _apply(data, s)
+    dropped = [d.to_json() for d in record["dropped"]]
+    return out, {**record, "kept": record["kept"].to_json(), "dropped": dropped}
+
+
+def _apply(data: XpcsData, s: FilterSettings) -> tuple[XpcsData, dict[str, Any]]:
+    """:func:`apply_filter` with the report's fields as records (:class:`FilterReport`)."""
     drops = _Drops(data, np.ones(data.n_phi, dtype=bool))
     _select_angles(drops, s)
     idx = _select_frames(drops, s)
@@ -206,13 +217,13 @@ def apply_filter(data: XpcsData, s: FilterSettings) -> tuple[XpcsData, dict[str,
         dt=data.dt,
     )
     record = {
-        "kept": {
-            "phi_deg": out.phi_angles_list.tolist(),
-            "q": out.wavevector_q_list.tolist(),
-            "n_frames": out.n_t,
-            "t_first_s": float(out.t1[0]),
-            "t_last_s": float(out.t1[-1]),
-        },
+        "kept": FilterKept(
+            phi_deg=out.phi_angles_list.tolist(),
+            q=out.wavevector_q_list.tolist(),
+            n_frames=out.n_t,
+            t_first_s=float(out.t1[0]),
+            t_last_s=float(out.t1[-1]),
+        ),
         "dropped": drops.dropped,
         "input_shape": list(data.c2_exp.shape),
         "output_shape": list(out.c2_exp.shape),
@@ -247,21 +258,25 @@ def _select_frames(drops: _Drops, s: FilterSettings) -> np.ndarray:
     frame_keep = np.zeros(n_t, dtype=bool)
     frame_keep[s.frame_start - 1 : end] = True
     if not frame_keep.all():
-        drops.dropped.append({
-            "kind": "frames",
-            "count": int(n_t - frame_keep.sum()),
-            "reason": f"outside filter.frames [{s.frame_start}, {s.frame_end}] "
-                      "(1-based, relative to the loaded window)",
-        })  # fmt: skip
+        drops.dropped.append(
+            FilterDrop(
+                kind="frames",
+                count=int(n_t - frame_keep.sum()),
+                reason=f"outside filter.frames [{s.frame_start}, {s.frame_end}] "
+                "(1-based, relative to the loaded window)",
+            )
+        )
     if s.exclude_t0:
         at_zero = frame_keep & (data.t1 < 0.5 * data.dt)
         if at_zero.any():
             frame_keep &= ~at_zero
-            drops.dropped.append({
-                "kind": "frames",
-                "count": int(at_zero.sum()),
-                "reason": "t = 0 excluded (filter.exclude_t0): power laws are singular there",
-            })  # fmt: skip
+            drops.dropped.append(
+                FilterDrop(
+                    kind="frames",
+                    count=int(at_zero.sum()),
+                    reason="t = 0 excluded (filter.exclude_t0): power laws are singular there",
+                )
+            )
     if frame_keep.sum() < MIN_FRAMES:
         raise ConfigError(
             f"filter.frames/exclude_t0 leave {int(frame_keep.sum())} frames; at least "
@@ -300,14 +315,14 @@ def filter_stage(
     """Read loaded data, filter it, write ``filtered.npz`` and its report (atomically)."""
     start = time.perf_counter()
     data = XpcsData.from_npz(in_npz)
-    out, record = apply_filter(data, settings)
+    out, record = _apply(data, settings)
     out.to_npz(out_npz)
-    write_json(out_json, {
-        "schema_version": 1,
-        "stage": "filter",
-        "input": os.fspath(in_npz),
-        "settings": settings.to_mapping(),
+    FilterReport(
+        schema_version=1,
+        stage="filter",
+        input=os.fspath(in_npz),
+        settings=settings.to_mapping(),
         **record,
-        "duration_ms": 1e3 * (time.perf_counter() - start),
-    })  # fmt: skip
+        duration_ms=1e3 * (time.perf_counter() - start),
+    ).write(out_json)
     return out

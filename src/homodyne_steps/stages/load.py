@@ -16,8 +16,17 @@ import numpy as np
 from homodyne_steps import __version__
 from homodyne_steps.errors import DataError, HomodyneStepsError
 from homodyne_steps.io.aps_reader import _check_arguments, read_aps
+from homodyne_steps.io.data_files import (
+    DtSource,
+    LoadedFrames,
+    LoadedQ,
+    LoadedReport,
+    LoadedShapes,
+    LoadedSource,
+    LoadedStorage,
+    SkippedBin,
+)
 from homodyne_steps.io.dataset import XpcsData
-from homodyne_steps.io.serialise import write_json
 from homodyne_steps.settings import check_keys
 
 SETTINGS_KEYS = ("q", "dt", "frames", "q_tolerance", "storage", "missing_frame_factors",
@@ -100,57 +109,60 @@ def load_stage(
         c2_exp=res["c2_exp"],
         dt=res["dt"],
     )
-    record = _record(res, data, out_npz)
     data.to_npz(out_npz)
     try:
-        record["duration_s"] = time.perf_counter() - started
-        write_json(out_json, record)
+        _record(res, data, out_npz, started).write(out_json)
     except BaseException:
         out_npz.unlink(missing_ok=True)
         raise
     return data
 
 
-def _record(res: dict[str, Any], data: XpcsData, out_npz: Path) -> dict[str, Any]:
-    """The ``loaded.json`` record (without the duration, added when written)."""
+def _record(res: dict[str, Any], data: XpcsData, out_npz: Path, started: float) -> LoadedReport:
+    """The ``loaded.json`` record; its duration runs from ``started`` (perf_counter) to now."""
     src = res["source"]
-    return {
-        "stage": "load",
-        "generator": f"homodyne-steps {__version__}",
-        "source": {
-            "path": src["path"],
-            "sha256": _sha256(Path(src["path"])),
-            "format": res["format"],
-            "datasets": src["datasets"],
-            "bin_mapping": src["bin_mapping"],
-            "member_prefix": src["member_prefix"],
-        },
-        "q": {
-            "target": src["q_target"],
-            "selected": src["q_selected"],
-            "tolerance": src["q_tolerance"],
-            "available": src["q_available"],
-            "members": src["q_members"],
-            "relative_spread": src["q_relative_spread"],
-            "grouping": src["ring_grouping"],
-        },
-        "phi_deg": data.phi_angles_list.tolist(),
-        "bin_labels": src["bin_labels"],
-        "skipped_bins": src["skipped_bins"],
-        "dt_s": data.dt,
-        "dt_source": src["dt_source"],
-        "time_origin": src["time_origin"],
-        "t_first_s": src["t_first_s"],
-        "frames": {
-            "start": src["start_frame"],
-            "end": src["end_frame"],
-            "n": src["n_frames"],
-            "n_in_file": src["n_frames_file"],
-        },
-        "n_phi": data.n_phi,
-        "storage": src["storage"],
-        "diagonal_corrected": False,
-        "shapes": {k: list(np.shape(getattr(data, k))) for k in ("c2_exp", "t1", "t2")},
-        "c2_dtype": str(data.c2_exp.dtype),
-        "outputs": {"npz": str(out_npz.resolve())},
-    }
+    return LoadedReport(
+        stage="load",
+        generator=f"homodyne-steps {__version__}",
+        source=LoadedSource(
+            path=src["path"],
+            sha256=_sha256(Path(src["path"])),
+            format=res["format"],
+            datasets=src["datasets"],
+            bin_mapping=src["bin_mapping"],
+            member_prefix=src["member_prefix"],
+        ),
+        q=LoadedQ(
+            target=src["q_target"],
+            selected=src["q_selected"],
+            tolerance=src["q_tolerance"],
+            available=src["q_available"],
+            members=src["q_members"],
+            relative_spread=src["q_relative_spread"],
+            grouping=src["ring_grouping"],
+        ),
+        phi_deg=data.phi_angles_list.tolist(),
+        bin_labels=src["bin_labels"],
+        skipped_bins=[SkippedBin(**b) for b in src["skipped_bins"]],
+        dt_s=data.dt,
+        dt_source=DtSource(**src["dt_source"]),
+        time_origin=src["time_origin"],
+        t_first_s=src["t_first_s"],
+        frames=LoadedFrames(
+            start=src["start_frame"],
+            end=src["end_frame"],
+            n=src["n_frames"],
+            n_in_file=src["n_frames_file"],
+        ),
+        n_phi=data.n_phi,
+        storage=LoadedStorage(**src["storage"]),
+        diagonal_corrected=False,
+        shapes=LoadedShapes(
+            c2_exp=list(np.shape(data.c2_exp)),
+            t1=list(np.shape(data.t1)),
+            t2=list(np.shape(data.t2)),
+        ),
+        c2_dtype=str(data.c2_exp.dtype),
+        outputs={"npz": str(out_npz.resolve())},
+        duration_s=time.perf_counter() - started,
+    )

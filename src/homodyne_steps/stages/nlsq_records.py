@@ -15,6 +15,13 @@ from homodyne_steps.inference.nlsq_fit import NlsqOutcome
 from homodyne_steps.inference.noise import noise_scale_record, summary
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.fitted_io import write_fitted_data
+from homodyne_steps.io.nlsq_files import (
+    AngleScaling,
+    NlsqConvergence,
+    NlsqEstimate,
+    NlsqParameters,
+    ValueWithUncertainty,
+)
 from homodyne_steps.io.serialise import finite_or_none, write_json
 from homodyne_steps.physics.registry import REGISTRY, Registry
 
@@ -61,53 +68,54 @@ def quality_flag(out: NlsqOutcome, registry: Registry = REGISTRY) -> str:
     return "warning"
 
 
-def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> dict[str, Any]:
+def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqParameters:
     r = out.result
     p = len(out.names)
     c_unc = np.sqrt(np.abs(np.diag(r.covariance)))[p : p + out.phi_deg.size]
     o_unc = np.sqrt(np.abs(np.diag(r.covariance)))[p + out.phi_deg.size :]
     flags = scaling_flags(r.contrast, r.offset, registry)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "analysis_mode": out.mode,
-        "parameters": {
-            name: {
-                "value": float(r.physical[k]),
-                "uncertainty": finite_or_none(out.uncertainties[k]),
-                "unit": registry[name].unit,
-                "at_bound": bool(r.at_lower[k] or r.at_upper[k]),
-                "fixed": bool(not r.free[k]),
-                "identified": name not in r.not_identified,
-            }
+    return NlsqParameters(
+        schema_version=SCHEMA_VERSION,
+        analysis_mode=out.mode,
+        parameters={
+            name: NlsqEstimate(
+                value=float(r.physical[k]),
+                uncertainty=finite_or_none(out.uncertainties[k]),
+                unit=registry[name].unit,
+                at_bound=bool(r.at_lower[k] or r.at_upper[k]),
+                fixed=bool(not r.free[k]),
+                identified=name not in r.not_identified,
+            )
             for k, name in enumerate(out.names)
         },
-        "per_angle": [
-            {
-                "phi_deg": float(out.phi_deg[k]),
-                "contrast": {
-                    "value": float(r.contrast[k]),
-                    "uncertainty": finite_or_none(c_unc[k]),
-                },
-                "offset": {"value": float(r.offset[k]), "uncertainty": finite_or_none(o_unc[k])},
-                "chi_squared": float(out.chi2_per_angle[k]),
-                "flags": flags[k],
-            }
+        per_angle=[
+            AngleScaling(
+                phi_deg=float(out.phi_deg[k]),
+                contrast=ValueWithUncertainty(
+                    value=float(r.contrast[k]), uncertainty=finite_or_none(c_unc[k])
+                ),
+                offset=ValueWithUncertainty(
+                    value=float(r.offset[k]), uncertainty=finite_or_none(o_unc[k])
+                ),
+                chi_squared=float(out.chi2_per_angle[k]),
+                flags=flags[k],
+            )
             for k in range(out.phi_deg.size)
         ],
-        "per_angle_scaling": out.scaling_mode,
-        "chi_squared": r.chi_squared,
-        "reduced_chi_squared": r.reduced_chi_squared,
-        "degrees_of_freedom": r.dof,
-        "uncertainty_convention": "sqrt(diag((JᵀJ)⁻¹ · χ²_red)) at the optimum, σ from data",
-        "noise_scale": noise_scale_record(r.reduced_chi_squared),
-        "convergence": {
-            "status": r.status,
-            "reason": r.reason,
-            "iterations": r.iterations,
-            "converged": r.converged,
-            "not_identified": list(r.not_identified),
-        },
-    }
+        per_angle_scaling=out.scaling_mode,
+        chi_squared=r.chi_squared,
+        reduced_chi_squared=r.reduced_chi_squared,
+        degrees_of_freedom=r.dof,
+        uncertainty_convention="sqrt(diag((JᵀJ)⁻¹ · χ²_red)) at the optimum, σ from data",
+        noise_scale=noise_scale_record(r.reduced_chi_squared),
+        convergence=NlsqConvergence(
+            status=r.status,
+            reason=r.reason,
+            iterations=r.iterations,
+            converged=r.converged,
+            not_identified=list(r.not_identified),
+        ),
+    )
 
 
 def _finite_or_null(matrix: np.ndarray) -> list[list[float | None]]:
@@ -131,7 +139,7 @@ def write_outputs(
                       out.sigma_lag)  # fmt: skip
     write_json(out_dir / "analysis_results_nlsq.json", analysis)
     write_json(out_dir / "convergence_metrics.json", convergence)
-    write_json(out_dir / "parameters.json", params)  # last: the workflow's sentinel
+    params.write(out_dir / "parameters.json")  # last: the workflow's sentinel
 
 
 def analysis_record(

@@ -33,7 +33,6 @@ from homodyne_steps.errors import HomodyneStepsError
 from homodyne_steps.inference.nlsq_fit import NlsqOutcome, fit
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
 from homodyne_steps.io.dataset import XpcsData
-from homodyne_steps.io.serialise import write_json
 from homodyne_steps.physics.registry import REGISTRY
 from homodyne_steps.stages.nlsq_records import parameters_record, write_outputs
 
@@ -72,7 +71,7 @@ def nlsq_stage(
     if not out.result.converged and settings.on_failure == "error":
         for name in OUTPUT_FILES:
             (out_dir / name).unlink(missing_ok=True)
-        write_json(failed, parameters_record(out, registry))
+        parameters_record(out, registry).write(failed)
         raise FitFailed(
             f"NLSQ fit not usable ({out.result.status}: {out.result.reason}); diagnostics in "
             f"{failed}. Try other initial_parameters, multistart, fixed_parameters, or set "

@@ -18,8 +18,15 @@ from homodyne_steps.data.qc_checks import _status, assess
 from homodyne_steps.data.qc_repair import drop_masked_angles, repair
 from homodyne_steps.data.qc_settings import QcSettings
 from homodyne_steps.errors import QualityError
+from homodyne_steps.io.data_files import (
+    QcCheckpoints,
+    QcDroppedAngle,
+    QcOverall,
+    QcRepair,
+    QcReport,
+    QcThresholds,
+)
 from homodyne_steps.io.dataset import XpcsData
-from homodyne_steps.io.serialise import write_json
 
 SCHEMA_VERSION = 1
 
@@ -33,8 +40,22 @@ def run_qc(
     """Assess the three inputs, repair the preprocessed data, drop the angles with too
     many masked pairs, and assess the rest as ``final``.
 
-    Returns (report, final data). The overall score is the final checkpoint's. The final
-    data keep NaN at every masked element; with every angle dropped they hold no angle.
+    Returns (report, final data), the report as written (:func:`qc_record`'s mapping).
+    """
+    report, final = qc_record(raw, filtered, preprocessed, settings)
+    return report.to_json(), final
+
+
+def qc_record(
+    raw: XpcsData,
+    filtered: XpcsData,
+    preprocessed: XpcsData,
+    settings: QcSettings | None = None,
+) -> tuple[QcReport, XpcsData]:
+    """:func:`run_qc` with the report as a record.
+
+    The overall score is the final checkpoint's. The final data keep NaN at every masked
+    element; with every angle dropped they hold no angle.
     """
     s = settings or QcSettings()
     reports = {
@@ -46,20 +67,22 @@ def run_qc(
     final, dropped, kept = drop_masked_angles(repaired, s)
     reports["final"] = assess(final, "final", s, dropped=dropped, angle_ids=kept)
     score = reports["final"].score
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "thresholds": s.to_mapping()["thresholds"],
-        "settings": s.to_mapping(),
-        "checkpoints": {name: r.to_mapping() for name, r in reports.items()},
-        "repairs": repairs,
-        "dropped_angles": dropped,
-        "overall": {
-            "score": score,
-            "label": reports["final"].label,
-            "status": _status(score, s),
-            "passed": score >= s.pass_threshold,
-        },
-    }
+    report = QcReport(
+        schema_version=SCHEMA_VERSION,
+        thresholds=QcThresholds(
+            pass_=s.pass_threshold, warn=s.warn_threshold, excellent=s.excellent_threshold
+        ),
+        settings=s.to_mapping(),
+        checkpoints=QcCheckpoints(**{name: r.to_record() for name, r in reports.items()}),
+        repairs=[QcRepair(**r) for r in repairs],
+        dropped_angles=[QcDroppedAngle(**d) for d in dropped],
+        overall=QcOverall(
+            score=score,
+            label=reports["final"].label,
+            status=_status(score, s),
+            passed=score >= s.pass_threshold,
+        ),
+    )
     return report, final
 
 
@@ -76,7 +99,8 @@ def qc_stage(
     out_npz: str | os.PathLike[str],
     settings: QcSettings | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run QC on three NPZ files; write the report JSON and the final data NPZ.
+    """Run QC on three NPZ files; write the report JSON and the final data NPZ, and
+    return the report's mapping (as written).
 
     A final score below ``pass`` with ``on_fail: error`` raises QualityError and writes
     only ``<out_json stem>.failed.json``, so the workflow sees no outputs (and stale ones
@@ -84,38 +108,38 @@ def qc_stage(
     dropped for masked elements it does so whatever ``on_fail`` says.
     """
     s = settings if isinstance(settings, QcSettings) else QcSettings.from_mapping(settings)
-    report, final = run_qc(
+    report, final = qc_record(
         XpcsData.from_npz(raw_npz),
         XpcsData.from_npz(filtered_npz),
         XpcsData.from_npz(preprocessed_npz),
         s,
     )
     failed = failed_report_path(out_json)
-    overall = report["overall"]
+    overall = report.overall
     if final.n_phi == 0:
         # on_fail: warn cannot help: there is no angle left to write for the fit.
         Path(out_json).unlink(missing_ok=True)
         Path(out_npz).unlink(missing_ok=True)
-        write_json(failed, report)
+        report.write(failed)
         raise QualityError(
             f"quality control failed: no angle left. Every angle has more than "
             f"qc.max_masked_fraction = {s.max_masked_fraction:g} of its off-diagonal pairs "
-            f"masked (NaN) and was dropped ({len(report['dropped_angles'])} angles; reasons "
+            f"masked (NaN) and was dropped ({len(report.dropped_angles)} angles; reasons "
             f"in {failed}). Check the frame range and the correlator output, or raise "
             "qc.max_masked_fraction."
         )
-    if not overall["passed"] and s.on_fail == "error":
+    if not overall.passed and s.on_fail == "error":
         Path(out_json).unlink(missing_ok=True)
         Path(out_npz).unlink(missing_ok=True)
-        write_json(failed, report)
-        top = report["checkpoints"]["final"]["issues"][:3]  # sorted: errors first
-        listed = "; ".join(i["message"] for i in top) or "no single issue"
+        report.write(failed)
+        top = report.checkpoints.final.issues[:3]  # sorted: errors first
+        listed = "; ".join(i.message for i in top) or "no single issue"
         raise QualityError(
-            f"quality control failed: final score {overall['score']} is below the pass "
+            f"quality control failed: final score {overall.score} is below the pass "
             f"threshold {s.pass_threshold:g}. Top issues: {listed}. Full report: {failed}. "
             "Fix the data, or set qc.on_fail: warn to continue anyway."
         )
     failed.unlink(missing_ok=True)
     final.to_npz(out_npz)
-    write_json(out_json, report)
-    return report
+    report.write(out_json)
+    return report.to_json()

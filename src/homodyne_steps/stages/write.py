@@ -24,29 +24,33 @@ import csv
 import io
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from homodyne_steps.errors import DataError
-from homodyne_steps.io.serialise import (
-    SerialisationError,
-    atomic_path,
-    read_json_object,
-    write_json,
-)
+from homodyne_steps.io.cmc_files import CmcAnalysis, CmcParameters, CombinationReport
+from homodyne_steps.io.data_files import LoadedReport, QcReport
+from homodyne_steps.io.nlsq_files import AngleScaling, DatasetInfo, NlsqAnalysis, NlsqParameters
+from homodyne_steps.io.record import Record
+from homodyne_steps.io.serialise import SerialisationError, atomic_path, write_json
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 
 SCHEMA_VERSION = 1
 RANK = {"good": 0, "warning": 1, "poor": 2}
 CMC_QUALITY = {"good": "good", "acceptable": "warning", "poor": "poor"}
+# (column suffix, PosteriorStats attribute, description)
 CMC_STATS = (
     ("mean", "mean", "posterior mean"),
     ("sd", "std", "posterior standard deviation"),
-    ("hdi_3%", "hdi_3%", "lower end of the 94 % highest-density interval"),
-    ("hdi_97%", "hdi_97%", "upper end of the 94 % highest-density interval"),
+    ("hdi_3%", "hdi_3", "lower end of the 94 % highest-density interval"),
+    ("hdi_97%", "hdi_97", "upper end of the 94 % highest-density interval"),
     ("r_hat", "r_hat", "R-hat (split, rank-normalised)"),
     ("ess_bulk", "ess_bulk", "bulk effective sample size"),
 )
+
+
+R = TypeVar("R", bound=Record)
 
 
 class SummaryError(DataError):
@@ -70,27 +74,15 @@ def dataset_files(results_dir: str | os.PathLike[str], dataset: str) -> dict[str
     }
 
 
-def _read(path: Path, what: str, dataset: str, *, required: bool = True) -> dict[str, Any] | None:
+def _read(cls: type[R], path: Path, dataset: str, *, required: bool = True) -> R | None:
     if not path.is_file():
         if not required:
             return None
-        raise SummaryError(f"dataset {dataset!r}: {what} {path} does not exist (run its stage)")
+        raise SummaryError(f"dataset {dataset!r}: {cls.WHAT} {path} does not exist (run its stage)")
     try:
-        return read_json_object(path)
+        return cls.read(path)
     except SerialisationError as exc:
         raise SummaryError(f"dataset {dataset!r}: {exc}") from None
-
-
-def _get(rec: Mapping[str, Any] | None, *keys: str, path: Path | None = None, default=None):
-    """rec[k1][k2]...; ``path`` given: a missing key is an error naming file and key."""
-    value: Any = rec
-    for k in keys:
-        if not isinstance(value, Mapping) or k not in value:
-            if path is not None:
-                raise SummaryError(f"{path}: key {'.'.join(keys)!r} is missing")
-            return default
-        value = value[k]
-    return value
 
 
 def _worst(*labels: str | None) -> str:
@@ -98,61 +90,70 @@ def _worst(*labels: str | None) -> str:
     return max(known, key=RANK.__getitem__) if known else "good"
 
 
-def _scaling_out_of_range(per_angle: Sequence[Mapping[str, Any]]) -> list[str]:
+def _scaling_out_of_range(per_angle: Sequence[AngleScaling]) -> list[str]:
     """``contrast@phi=30``-style entries for the per-angle scaling flags of the NLSQ
     record (``contrast_out_of_range``, ``offset_out_of_range``)."""
     out = []
     for entry in per_angle:
-        for f in entry.get("flags") or []:
+        for f in entry.flags:
             what = str(f.get("flag", "")).removesuffix("_out_of_range")
-            out.append(f"{what}@phi={entry.get('phi_deg'):g}")
+            out.append(f"{what}@phi={entry.phi_deg:g}")
     return out
 
 
-def _read_records(files: Mapping[str, Path], dataset: str) -> dict[str, dict[str, Any] | None]:
-    """The dataset's JSON records, keyed as ``dataset_files`` (the CMC ones None if not run)."""
-    records = {
-        "loaded": _read(files["loaded"], "load record", dataset),
-        "qc": _read(files["qc"], "QC report", dataset),
-        "nlsq": _read(files["nlsq"], "NLSQ parameters", dataset),
-        "nlsq_analysis": _read(files["nlsq_analysis"], "NLSQ analysis", dataset),
-        "cmc": _read(files["cmc"], "CMC parameters", dataset, required=False),
-    }
-    ran = records["cmc"] is not None
-    records["cmc_analysis"] = _read(files["cmc_analysis"], "CMC analysis", dataset, required=ran)
-    records["cmc_report"] = _read(
-        files["cmc_report"], "CMC combination report", dataset, required=ran
+@dataclass(frozen=True)
+class DatasetRecords:
+    """The typed records one row is made of (the CMC ones None when CMC was not run)."""
+
+    loaded: LoadedReport
+    qc: QcReport
+    nlsq: NlsqParameters
+    nlsq_analysis: NlsqAnalysis
+    cmc: CmcParameters | None
+    cmc_analysis: CmcAnalysis | None
+    cmc_report: CombinationReport | None
+
+
+def _read_records(files: Mapping[str, Path], dataset: str) -> DatasetRecords:
+    """The dataset's JSON records (``dataset_files``)."""
+    cmc = _read(CmcParameters, files["cmc"], dataset, required=False)
+    ran = cmc is not None
+    return DatasetRecords(
+        loaded=_read(LoadedReport, files["loaded"], dataset),
+        qc=_read(QcReport, files["qc"], dataset),
+        nlsq=_read(NlsqParameters, files["nlsq"], dataset),
+        nlsq_analysis=_read(NlsqAnalysis, files["nlsq_analysis"], dataset),
+        cmc=cmc,
+        cmc_analysis=_read(CmcAnalysis, files["cmc_analysis"], dataset, required=ran),
+        cmc_report=_read(CombinationReport, files["cmc_report"], dataset, required=ran),
     )
-    return records
 
 
-def _analysis_mode(nlsq: Mapping[str, Any], path: Path) -> str:
+def _analysis_mode(nlsq: NlsqParameters, path: Path) -> str:
     """The canonical analysis mode of the NLSQ parameters record at ``path``."""
     try:
-        return canonical_mode(_get(nlsq, "analysis_mode", path=path))
+        return canonical_mode(nlsq.analysis_mode)
     except ValueError as exc:
         raise SummaryError(f"{path}: {exc}") from None
 
 
-def _qc_section(
-    qc: Mapping[str, Any], overall: Mapping[str, Any]
-) -> tuple[dict[str, Any], str, list[str]]:
+def _qc_section(qc: QcReport) -> tuple[dict[str, Any], str, list[str]]:
     """The QC section (score, label, status, issue and repair counts), its quality, flags."""
-    final = _get(qc, "checkpoints", "final", default={}) or {}
+    overall = qc.overall
     flags: list[str] = []
-    status = overall.get("status")
+    status = overall.status
     if status in ("warn", "fail"):
         flags.append(f"qc_{status}")
-    issues = final.get("issues") or []
+    issues = qc.checkpoints.final.issues
     if issues:
         flags.append(f"qc_issues:{len(issues)}")
-    repairs = qc.get("repairs") or []
+    repairs = qc.repairs
     if repairs:
         flags.append(f"qc_repaired:{len(repairs)}")
     quality = {"fail": "poor", "warn": "warning"}.get(status, "good")
     section = {
-        "score": overall.get("score"),
-        "label": overall.get("label"),
+        "score": overall.score,
+        "label": overall.label,
         "status": status,
         "issues": len(issues),
         "repairs": len(repairs),
@@ -161,124 +162,116 @@ def _qc_section(
 
 
 def _nlsq_section(
-    nlsq: Mapping[str, Any], analysis: Mapping[str, Any], names: Sequence[str], path: Path
+    nlsq: NlsqParameters, analysis: NlsqAnalysis, names: Sequence[str], path: Path
 ) -> tuple[dict[str, Any], list[str]]:
     """The NLSQ section (status, quality flag, χ², values ± uncertainties) and its flags."""
-    params = _get(nlsq, "parameters", path=path)
-    conv = nlsq.get("convergence") or {}
-    quality = _get(analysis, "fit_quality", "quality_flag") or (
-        "good" if conv.get("converged") else "poor"
-    )
+    params, conv = nlsq.parameters, nlsq.convergence
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise SummaryError(f"{path}: no values for {missing} ({nlsq.analysis_mode} mode)")
+    quality = analysis.fit_quality.quality_flag
     flags: list[str] = []
-    if not conv.get("converged", False):
+    if not conv.converged:
         flags.append("nlsq_not_converged")
-    at_bound = [n for n in names if (params.get(n) or {}).get("at_bound")]
+    at_bound = [n for n in names if params[n].at_bound]
     if at_bound:
         flags.append("nlsq_at_bound:" + ",".join(at_bound))
-    out_of_range = _scaling_out_of_range(nlsq.get("per_angle") or [])
+    out_of_range = _scaling_out_of_range(nlsq.per_angle)
     if out_of_range:
         flags.append("nlsq_scaling_out_of_range:" + ",".join(out_of_range))
         quality = _worst(quality, "warning")
     if quality != "good":
         flags.append(f"nlsq_{quality}")
-    values = {
-        n: {
-            "value": (params.get(n) or {}).get("value"),
-            "uncertainty": (params.get(n) or {}).get("uncertainty"),
-        }
-        for n in names
-    }
+    values = {n: {"value": params[n].value, "uncertainty": params[n].uncertainty} for n in names}
     section = {
-        "status": conv.get("status"),
+        "status": conv.status,
         "quality_flag": quality,
-        "reduced_chi_squared": nlsq.get("reduced_chi_squared"),
-        "chi_squared": nlsq.get("chi_squared"),
-        "degrees_of_freedom": nlsq.get("degrees_of_freedom"),
+        "reduced_chi_squared": nlsq.reduced_chi_squared,
+        "chi_squared": nlsq.chi_squared,
+        "degrees_of_freedom": nlsq.degrees_of_freedom,
         "parameters": values,
     }
     return section, flags
 
 
 def _cmc_flags(
-    cconv: Mapping[str, Any],
-    settings: Mapping[str, Any],
-    report: Mapping[str, Any],
-    comparison: Mapping[str, Any],
+    cmc: CmcParameters,
+    analysis: CmcAnalysis,
+    report: CombinationReport,
     values: Mapping[str, Mapping[str, Any]],
     names: Sequence[str],
 ) -> list[str]:
     """Flags of a CMC run: convergence, R-hat, ESS, divergences, shards, NLSQ agreement."""
+    cconv, settings = cmc.convergence, analysis.settings
     flags: list[str] = []
-    status = cconv.get("status")
-    if status == "not_converged":
+    if cconv.status == "not_converged":
         flags.append("cmc_not_converged")
-    elif status == "converged_with_warnings":
+    elif cconv.status == "converged_with_warnings":
         flags.append("cmc_warnings")
-    r_acc = settings.get("rhat_acceptable", 1.1)
-    high_r = [n for n in names if (values[n]["r_hat"] or 0) > r_acc]
+    high_r = [n for n in names if (values[n]["r_hat"] or 0) > settings.rhat_acceptable]
     if high_r:
         flags.append("cmc_r_hat:" + ",".join(high_r))
-    ess_warn = settings.get("ess_warn", 400)
     low_ess = [
-        n for n in names if values[n]["ess_bulk"] is not None and values[n]["ess_bulk"] < ess_warn
+        n
+        for n in names
+        if values[n]["ess_bulk"] is not None and values[n]["ess_bulk"] < settings.ess_warn
     ]
     if low_ess:
         flags.append("cmc_low_ess:" + ",".join(low_ess))
-    if cconv.get("divergences"):
-        flags.append(f"cmc_divergences:{cconv['divergences']}")
-    excluded = report.get("excluded_shards") or []
-    if excluded:
-        flags.append(f"cmc_excluded_shards:{len(excluded)}")
-    het = (report.get("heterogeneity") or {}).get("heterogeneous_parameters") or []
+    if cconv.divergences:
+        flags.append(f"cmc_divergences:{cconv.divergences}")
+    if report.excluded_shards:
+        flags.append(f"cmc_excluded_shards:{len(report.excluded_shards)}")
+    het = report.heterogeneity.heterogeneous_parameters
     if het:
         flags.append("cmc_heterogeneous:" + ",".join(het))
-    if comparison.get("consistent") is False:
+    if analysis.nlsq_comparison is not None and analysis.nlsq_comparison.consistent is False:
         flags.append("cmc_vs_nlsq_disagree")
     return flags
 
 
 def _cmc_section(
-    records: Mapping[str, Any], names: Sequence[str], path: Path
+    records: DatasetRecords, names: Sequence[str], path: Path
 ) -> tuple[dict[str, Any], str | None, list[str]]:
     """The CMC section (convergence summary, posterior statistics), its quality, flags."""
-    cmc, analysis, report = records["cmc"], records["cmc_analysis"], records["cmc_report"]
-    if cmc is None:
+    cmc, analysis, report = records.cmc, records.cmc_analysis, records.cmc_report
+    if cmc is None or analysis is None or report is None:
         return {"run": False, "parameters": {}}, None, ["cmc_not_run"]
-    cparams = _get(cmc, "parameters", path=path)
-    values = {n: {col: (cparams.get(n) or {}).get(key) for col, key, _ in CMC_STATS} for n in names}
-    cconv = cmc.get("convergence") or {}
-    settings = analysis.get("settings") or {}
-    quality = CMC_QUALITY.get(cconv.get("quality_flag"))
-    comparison = analysis.get("nlsq_comparison") or {}
-    flags = _cmc_flags(cconv, settings, report, comparison, values, names)
-    summ = cmc.get("sampling_summary") or {}
+    missing = [n for n in names if n not in cmc.parameters]
+    if missing:
+        raise SummaryError(f"{path}: no posterior of {missing}")
+    values = {
+        n: {col: getattr(cmc.parameters[n], attr) for col, attr, _ in CMC_STATS} for n in names
+    }
+    cconv, summ = cmc.convergence, cmc.sampling_summary
+    comparison = analysis.nlsq_comparison
     section = {
         "run": True,
-        "status": cconv.get("status"),
-        "quality_flag": cconv.get("quality_flag"),
-        "num_shards": summ.get("num_shards"),
-        "num_shards_used": summ.get("num_shards_used"),
-        "max_r_hat": cconv.get("max_r_hat"),
-        "min_ess_bulk": cconv.get("min_ess"),
-        "divergences": cconv.get("divergences"),
-        "nlsq_max_abs_z": comparison.get("max_abs_z_score"),
+        "status": cconv.status,
+        "quality_flag": cconv.quality_flag,
+        "num_shards": summ.num_shards,
+        "num_shards_used": summ.num_shards_used,
+        "max_r_hat": cconv.max_r_hat,
+        "min_ess_bulk": cconv.min_ess,
+        "divergences": cconv.divergences,
+        "nlsq_max_abs_z": None if comparison is None else comparison.max_abs_z_score,
         "parameters": values,
     }
-    return section, quality, flags
+    quality = CMC_QUALITY.get(cconv.quality_flag)
+    return section, quality, _cmc_flags(cmc, analysis, report, values, names)
 
 
-def _data_section(loaded: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
+def _data_section(loaded: LoadedReport, info: DatasetInfo) -> dict[str, Any]:
     """The data section: source file and checksum, q, angles, frames, time step, gap."""
-    source = loaded.get("source") or {}
     return {
-        "source_file": source.get("path"),
-        "source_sha256": source.get("sha256"),
-        "q": info.get("q"),
-        "n_angles": info.get("n_angles"),
-        "phi_deg": info.get("phi_deg") or [],
-        "n_frames": info.get("n_time_points"),
-        "dt": info.get("dt"),
-        "L": info.get("L"),
+        "source_file": loaded.source.path,
+        "source_sha256": loaded.source.sha256,
+        "q": info.q,
+        "n_angles": info.n_angles,
+        "phi_deg": info.phi_deg,
+        "n_frames": info.n_time_points,
+        "dt": info.dt,
+        "L": info.L,
     }
 
 
@@ -303,26 +296,22 @@ def summary_row(results_dir: str | os.PathLike[str], dataset: str) -> dict[str, 
     """One dataset's row, nested by section (``flat_row`` makes the table row)."""
     files = dataset_files(results_dir, dataset)
     records = _read_records(files, dataset)
-    mode = _analysis_mode(records["nlsq"], files["nlsq"])
+    mode = _analysis_mode(records.nlsq, files["nlsq"])
     names = REGISTRY.physical_names(mode)
-    info = _get(records["nlsq_analysis"], "dataset_info", path=files["nlsq_analysis"])
-    overall = _get(records["qc"], "overall", path=files["qc"])
-    qc, qc_quality, qc_flags = _qc_section(records["qc"], overall)
-    nlsq, nlsq_flags = _nlsq_section(
-        records["nlsq"], records["nlsq_analysis"], names, files["nlsq"]
-    )
+    qc, qc_quality, qc_flags = _qc_section(records.qc)
+    nlsq, nlsq_flags = _nlsq_section(records.nlsq, records.nlsq_analysis, names, files["nlsq"])
     cmc, cmc_quality, cmc_flags = _cmc_section(records, names, files["cmc"])
     return {
         "dataset": dataset,
         "analysis_mode": mode,
         "parameter_names": list(names),
-        "data": _data_section(records["loaded"], info),
+        "data": _data_section(records.loaded, records.nlsq_analysis.dataset_info),
         "qc": qc,
         "nlsq": nlsq,
         "cmc": cmc,
         "quality": _worst(qc_quality, nlsq["quality_flag"], cmc_quality),
         "flags": qc_flags + nlsq_flags + cmc_flags,
-        "outputs": _outputs_section(results_dir, dataset, files, records["cmc"] is not None),
+        "outputs": _outputs_section(results_dir, dataset, files, records.cmc is not None),
     }
 
 
