@@ -31,7 +31,7 @@ rule all:
         expand("results/{dataset}/nlsq/parameters.json", dataset=DATASETS),
         expand("results/{dataset}/cmc/parameters.json", dataset=DATASETS),
         expand(
-            "results/{dataset}/plots/{kind}",
+            "results/{dataset}/plots/{kind}/figures.json",
             dataset=DATASETS,
             kind=("data", "qc", "nlsq", "cmc"),
         ),

@@ -159,8 +159,9 @@ def check_figure_dir(out_dir: Path) -> dict:
     folder holds no other PNG; returns the index."""
     index = json.loads((Path(out_dir) / "figures.json").read_text())
     listed = {f["file"] for f in index["figures"]}
-    assert listed == {p.name for p in Path(out_dir).glob("*.png")}
+    written = [*Path(out_dir).glob("*.png"), *Path(out_dir).glob("angles/*.png")]
+    assert listed == {p.relative_to(out_dir).as_posix() for p in written}
     for f in index["figures"]:
         check_png(Path(out_dir) / f["file"], tuple(f["size_px"]))
-    assert not list(Path(out_dir).glob(".*.tmp*")), "temporary files left behind"
+    assert not list(Path(out_dir).glob("**/.*.tmp*")), "temporary files left behind"
     return index

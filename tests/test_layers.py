@@ -12,7 +12,13 @@ import pytest
 from homodyne_steps.codegraph import PACKAGE_DIR, module_imports
 
 RANK = {"": 0, "physics": 1, "io": 2, "inference": 3, "data": 3, "stages": 4, "plots": 4}
-TOP = {"cli", "cli_simulate", "wfconfig", "codegraph", "cpu_pinning"}  # the entry points, above everything
+TOP = {
+    "cli",
+    "cli_simulate",
+    "wfconfig",
+    "codegraph",
+    "cpu_pinning",
+}  # the entry points, above everything
 
 
 def _modules() -> list[str]:

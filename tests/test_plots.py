@@ -84,9 +84,9 @@ def test_diagonal_means_are_g2_vs_lag():
 
 def test_angle_file_names_follow_the_seed_and_stay_unique():
     assert angle_file_names("c2_heatmaps", [-30.0, 0.0, 22.5]) == [
-        "c2_heatmaps_phi_-30.0deg.png",
-        "c2_heatmaps_phi_0.0deg.png",
-        "c2_heatmaps_phi_22.5deg.png",
+        "angles/c2_heatmaps_phi_-30.0deg.png",
+        "angles/c2_heatmaps_phi_0.0deg.png",
+        "angles/c2_heatmaps_phi_22.5deg.png",
     ]
     assert len(set(angle_file_names("x", [10.0, 10.0]))) == 2
 
@@ -112,6 +112,7 @@ def test_plot_data_figures(results_tree, tmp_path):
     data = results_tree / "lam" / "data"
     index = plot_data_stage(data / "filtered.npz", data / "preprocessed.npz", tmp_path / "d")
     check_figure_dir(tmp_path / "d")
+    assert_rule_declares("plot_data", index)
     names = [f["file"] for f in index["figures"]]
     assert names == [*angle_file_names("c2_data", phis(results_tree, "lam")), "g2_vs_lag.png"]
     w, h = (round(x * 100) for x in HeatmapRow.SIZE)
@@ -122,6 +123,7 @@ def test_plot_data_figures(results_tree, tmp_path):
 def test_plot_nlsq_figures(results_tree, tmp_path, name):
     index = plot_nlsq_stage(results_tree / name / "nlsq", tmp_path / "n")
     check_figure_dir(tmp_path / "n")
+    assert_rule_declares("plot_nlsq", index)
     files = [f["file"] for f in index["figures"]]
     heatmaps = angle_file_names("c2_heatmaps", phis(results_tree, name))
     assert files == [
@@ -189,6 +191,7 @@ def test_plot_qc_page_with_issues_and_repairs(results_tree, tmp_path):
     for label, source in (("clean", data / "qc_report.json"), ("bad", tmp_path / "qc.json")):
         index = plot_qc_stage(source, tmp_path / label, dataset="sta")
         check_figure_dir(tmp_path / label)
+        assert_rule_declares("plot_qc", index)
         assert index["figures"][0]["size_px"] == [round(x * 100) for x in PAGE_SIZE]
 
 
@@ -202,6 +205,7 @@ def test_plot_cmc_figures(results_tree, tmp_path, name):
         nlsq_parameters=base / "nlsq" / "parameters.json",
     )
     check_figure_dir(tmp_path / "c")
+    assert_rule_declares("plot_cmc", index)
     assert [f["file"] for f in index["figures"]] == [
         "trace.png",
         "rank.png",
@@ -229,7 +233,7 @@ def test_a_rerun_removes_figures_that_are_no_longer_made(results_tree, tmp_path)
     data = results_tree / "sta" / "data"
     out = tmp_path / "plots"
     plot_data_stage(data / "filtered.npz", data / "preprocessed.npz", out)
-    first = sorted(p.name for p in out.glob("*.png"))
+    first = sorted(p.name for p in out.glob("**/*.png"))
     for src in ("filtered", "preprocessed"):  # drop the last angle, as a new filter would
         d = XpcsData.from_npz(data / f"{src}.npz")
         d.replace(
@@ -238,7 +242,7 @@ def test_a_rerun_removes_figures_that_are_no_longer_made(results_tree, tmp_path)
             c2_exp=d.c2_exp[:-1],
         ).to_npz(tmp_path / f"{src}.npz")
     plot_data_stage(tmp_path / "filtered.npz", tmp_path / "preprocessed.npz", out)
-    second = sorted(p.name for p in out.glob("*.png"))
+    second = sorted(p.name for p in out.glob("**/*.png"))
     assert len(second) == len(first) - 1 and set(second) < set(first)
     check_figure_dir(out)
 
@@ -264,7 +268,7 @@ def test_large_matrices_are_downsampled_for_display(tmp_path):
     plot_data_stage(
         tmp_path / "a.npz", tmp_path / "a.npz", tmp_path / "out", PlotSettings(max_pixels=400)
     )
-    check_png(tmp_path / "out" / "c2_data_phi_0.0deg.png")
+    check_png(tmp_path / "out" / "angles" / "c2_data_phi_0.0deg.png")
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,10 +367,33 @@ def test_data_qc_and_nlsq_plots_do_not_wait_for_cmc(tmp_path):
     assert re.search(r"rule write:\n", text)
 
 
-def test_plot_outputs_are_registered_for_the_report():
+def declared_figures(rule: str) -> tuple[set[str], bool]:
+    """The figures ``rule`` in plots.smk declares: fixed names, and whether it declares
+    the per-angle folder."""
     text = (ROOT / "workflow" / "rules" / "plots.smk").read_text(encoding="utf-8")
+    body = text.split(f"rule {rule}:", 1)[1].split("\nrule ", 1)[0]
+    kind = rule.removeprefix("plot_")
+    fixed = set(re.findall(rf'figure\("{kind}", "(\w+)"\)', body))
+    assert f'index="results/{{dataset}}/plots/{kind}/figures.json"' in body, rule
+    return {f"{name}.png" for name in fixed}, f'angle_figures("{kind}")' in body
+
+
+def assert_rule_declares(rule: str, index: dict) -> None:
+    """The workflow rule names every figure its stage wrote, and no other."""
+    files = [f["file"] for f in index["figures"]]
+    fixed, angles = declared_figures(rule)
+    assert {f for f in files if "/" not in f} == fixed, (rule, files)
+    assert any(f.startswith("angles/") for f in files) == angles, (rule, files)
+
+
+def test_plot_outputs_are_registered_for_the_report():
     for rule in ("plot_data", "plot_qc", "plot_nlsq", "plot_cmc"):
-        body = text.split(f"rule {rule}:", 1)[1].split("\nrule ", 1)[0]
-        assert "report(" in body and 'patterns=["{name}.png"]' in body, rule
-        caption = re.search(r'caption="\.\./report/(\w+\.rst)"', body).group(1)
-        assert (ROOT / "workflow" / "report" / caption).is_file(), caption
+        kind = rule.removeprefix("plot_")
+        fixed, angles = declared_figures(rule)
+        captions = [f"plot_{kind}_{name.removesuffix('.png')}.rst" for name in fixed]
+        captions += [f"plot_{kind}_angles.rst"] if angles else []
+        for caption in captions:
+            assert (ROOT / "workflow" / "report" / caption).is_file(), caption
+    # the two helpers (common.smk) put every figure into the report
+    text = (ROOT / "workflow" / "rules" / "common.smk").read_text(encoding="utf-8")
+    assert text.count("return report(") == 2 and 'patterns=["{name}.png"]' in text

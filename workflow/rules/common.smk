@@ -53,3 +53,35 @@ def cmc_shard_files(wildcards, ext="nc"):
         k=range(n),
         ext=ext,
     )
+
+
+# The report entries of the plot rules (plots.smk).
+PLOT_CATEGORY = {
+    "data": "1. Data",
+    "qc": "2. Quality control",
+    "nlsq": "3. NLSQ fit",
+    "cmc": "4. CMC posterior",
+}
+
+
+def figure(kind, name):
+    """One figure of a plot rule, in the report with its caption plot_{kind}_{name}.rst."""
+    return report(
+        f"results/{{dataset}}/plots/{kind}/{name}.png",
+        caption=f"../report/plot_{kind}_{name}.rst",
+        category=PLOT_CATEGORY[kind],
+        subcategory="{dataset}",
+        labels={"dataset": "{dataset}", "figure": name},
+    )
+
+
+def angle_figures(kind):
+    """The folder of a plot rule's per-angle figures (plot_{kind}_angles.rst)."""
+    return report(
+        directory(f"results/{{dataset}}/plots/{kind}/angles"),
+        patterns=["{name}.png"],
+        caption=f"../report/plot_{kind}_angles.rst",
+        category=PLOT_CATEGORY[kind],
+        subcategory="{dataset}",
+        labels={"dataset": "{dataset}", "figure": "{name}"},
+    )

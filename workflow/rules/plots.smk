@@ -1,21 +1,17 @@
-# Figures and the summary table. Each plot rule writes one folder of PNGs (plus
-# figures.json) that the Snakemake report picks up (snakemake --report report.html).
+# Figures and the summary table. Each plot rule names every file it writes: its index
+# figures.json, each figure whose name is fixed, and the folder angles/ of the figures
+# drawn once per angle (their number follows the data). The Snakemake report picks them
+# up (snakemake --report report.html), each with its caption in workflow/report/
+# (figure() and angle_figures() are in common.smk).
 # Data, QC and NLSQ plots do not depend on CMC outputs, so they run beside the shards.
-
-
 rule plot_data:
     input:
         filtered="results/{dataset}/data/filtered.npz",
         preprocessed="results/{dataset}/data/preprocessed.npz",
     output:
-        report(
-            directory("results/{dataset}/plots/data"),
-            patterns=["{name}.png"],
-            caption="../report/plot_data.rst",
-            category="1. Data",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "figure": "{name}"},
-        ),
+        index="results/{dataset}/plots/data/figures.json",
+        angles=angle_figures("data"),
+        g2=figure("data", "g2_vs_lag"),
     log:
         "logs/{dataset}/plot_data.log",
     conda:
@@ -23,9 +19,10 @@ rule plot_data:
     params:
         settings=settings_of("plot_data"),
         code=code_fingerprint("plot_data"),
+        out_dir=subpath(output.index, parent=True),
     shell:
         "homodyne-steps plot-data --filtered {input.filtered:q} "
-        "--preprocessed {input.preprocessed:q} --out-dir {output:q} "
+        "--preprocessed {input.preprocessed:q} --out-dir {params.out_dir:q} "
         "--settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -33,14 +30,8 @@ rule plot_qc:
     input:
         "results/{dataset}/data/qc_report.json",
     output:
-        report(
-            directory("results/{dataset}/plots/qc"),
-            patterns=["{name}.png"],
-            caption="../report/plot_qc.rst",
-            category="2. Quality control",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "figure": "{name}"},
-        ),
+        index="results/{dataset}/plots/qc/figures.json",
+        summary=figure("qc", "qc_summary"),
     log:
         "logs/{dataset}/plot_qc.log",
     conda:
@@ -48,9 +39,10 @@ rule plot_qc:
     params:
         settings=settings_of("plot_qc"),
         code=code_fingerprint("plot_qc"),
+        out_dir=subpath(output.index, parent=True),
     shell:
         "homodyne-steps plot-qc --input {input:q} --dataset {wildcards.dataset} "
-        "--out-dir {output:q} --settings {params.settings:q} > {log:q} 2>&1"
+        "--out-dir {params.out_dir:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule plot_nlsq:
@@ -59,14 +51,11 @@ rule plot_nlsq:
         analysis="results/{dataset}/nlsq/analysis_results_nlsq.json",
         fitted="results/{dataset}/nlsq/fitted_data.npz",
     output:
-        report(
-            directory("results/{dataset}/plots/nlsq"),
-            patterns=["{name}.png"],
-            caption="../report/plot_nlsq.rst",
-            category="3. NLSQ fit",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "figure": "{name}"},
-        ),
+        index="results/{dataset}/plots/nlsq/figures.json",
+        angles=angle_figures("nlsq"),
+        g2=figure("nlsq", "g2_fit_vs_lag"),
+        residuals=figure("nlsq", "residual_histogram"),
+        transport=figure("nlsq", "transport_coefficients"),
     log:
         "logs/{dataset}/plot_nlsq.log",
     conda:
@@ -74,10 +63,11 @@ rule plot_nlsq:
     params:
         settings=settings_of("plot_nlsq"),
         code=code_fingerprint("plot_nlsq"),
+        out_dir=subpath(output.index, parent=True),
     shell:
         "homodyne-steps plot-nlsq --nlsq-parameters {input.parameters:q} "
         "--nlsq-analysis {input.analysis:q} --nlsq-fitted {input.fitted:q} "
-        "--out-dir {output:q} --settings {params.settings:q} > {log:q} 2>&1"
+        "--out-dir {params.out_dir:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule plot_cmc:
@@ -88,14 +78,14 @@ rule plot_cmc:
         report="results/{dataset}/cmc/combination_report.json",
         nlsq="results/{dataset}/nlsq/parameters.json",
     output:
-        report(
-            directory("results/{dataset}/plots/cmc"),
-            patterns=["{name}.png"],
-            caption="../report/plot_cmc.rst",
-            category="4. CMC posterior",
-            subcategory="{dataset}",
-            labels={"dataset": "{dataset}", "figure": "{name}"},
-        ),
+        index="results/{dataset}/plots/cmc/figures.json",
+        trace=figure("cmc", "trace"),
+        rank=figure("cmc", "rank"),
+        pair=figure("cmc", "pair"),
+        forest=figure("cmc", "forest"),
+        energy=figure("cmc", "energy"),
+        ess=figure("cmc", "ess"),
+        shards=figure("cmc", "shard_posteriors"),
     log:
         "logs/{dataset}/plot_cmc.log",
     conda:
@@ -104,9 +94,10 @@ rule plot_cmc:
         settings=settings_of("plot_cmc"),
         code=code_fingerprint("plot_cmc"),
         cmc_dir=subpath(input.parameters, parent=True),
+        out_dir=subpath(output.index, parent=True),
     shell:
         "homodyne-steps plot-cmc --cmc-dir {params.cmc_dir:q} --shards {input.shards:q} "
-        "--nlsq-parameters {input.nlsq:q} --out-dir {output:q} "
+        "--nlsq-parameters {input.nlsq:q} --out-dir {params.out_dir:q} "
         "--settings {params.settings:q} > {log:q} 2>&1"
 
 

@@ -42,6 +42,7 @@ from homodyne_steps.settings import check_keys, get_int  # noqa: E402
 R = TypeVar("R", bound=Record)
 
 INDEX_FILE = "figures.json"
+ANGLE_DIR = "angles"  # the per-angle figures of a plot stage
 PNG_COMPRESS_LEVEL = 1
 SCHEMA_VERSION = 1
 STYLE = {
@@ -137,6 +138,7 @@ class FigureSet:
         ``close=False`` keeps the figure open to be updated and saved again."""
         if any(r.file == name for r in self.records):
             raise ValueError(f"figure {name} written twice")
+        (self.out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         path = save_png(fig, self.out_dir / name, size, self.settings.dpi, close=close)
         w, h = (round(x * self.settings.dpi) for x in size)
         self.records.append(FigureRecord(name, title, shows, [w, h]))
@@ -145,8 +147,8 @@ class FigureSet:
     def finish(self, **extra: Any) -> dict[str, Any]:
         """Write ``figures.json`` and remove PNGs of an earlier run not written now."""
         keep = {r.file for r in self.records}
-        for old in self.out_dir.glob("*.png"):
-            if old.name not in keep:
+        for old in [*self.out_dir.glob("*.png"), *self.out_dir.glob(f"{ANGLE_DIR}/*.png")]:
+            if old.relative_to(self.out_dir).as_posix() not in keep:
                 old.unlink(missing_ok=True)
         index = {
             "schema_version": SCHEMA_VERSION,
@@ -288,12 +290,15 @@ def angle_tag(phi: float) -> str:
 
 
 def angle_file_names(prefix: str, phis: Sequence[float]) -> list[str]:
-    """``{prefix}_phi_{angle}deg.png`` per angle; equal angles get ``_{index}`` appended."""
+    """``angles/{prefix}_phi_{angle}deg.png`` per angle (relative to the stage's folder);
+    equal angles get ``_{index}`` appended. Their number follows the data, so they sit in
+    a folder of their own: the workflow names every other file of a plot stage exactly."""
     tags = [angle_tag(p) for p in phis]
     names = []
     for k, tag in enumerate(tags):
         unique = tags.count(tag) == 1
-        names.append(f"{prefix}_phi_{tag}deg.png" if unique else f"{prefix}_phi_{tag}deg_{k}.png")
+        name = f"{prefix}_phi_{tag}deg.png" if unique else f"{prefix}_phi_{tag}deg_{k}.png"
+        names.append(f"{ANGLE_DIR}/{name}")
     return names
 
 
