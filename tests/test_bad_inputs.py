@@ -25,7 +25,12 @@ from conftest import local_snakemake_env
 from homodyne_steps.errors import ConfigError
 from homodyne_steps.io.serialise import write_json
 from homodyne_steps.stages.simulate import reference_settings, simulate_file
-from homodyne_steps.wfconfig import check_config_file, stage_slice, validate_config
+from homodyne_steps.wfconfig import (
+    check_config_file,
+    check_stage_settings,
+    stage_slice,
+    validate_config,
+)
 from test_cli_errors import assert_clean_failure, load_args, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +97,45 @@ CONFIG_CASES = {
     "noise-sigma-zero": (_edit("nlsq.noise", {"method": "fixed", "sigma": 0}),
                          ["nlsq.noise.sigma: got 0", "a number > 0"]),
 }  # fmt: skip
+
+
+# Values each fine alone (the schema passes them) that the stage settings refuse; the
+# workflow builds every stage's settings when it starts (wfconfig.check_stage_settings).
+SETTINGS_CASES = {
+    "rhat-order": (_edit("cmc.combine.rhat_acceptable", 1.01),
+                   ["dataset 'demo'", "cmc.combine.rhat_acceptable: must be >= rhat_good"]),
+    "qc-thresholds-order": (_edit("qc.thresholds", {"pass": 80, "warn": 70, "excellent": 85}),
+                            ["qc.thresholds must be increasing", "pass=80.0, warn=70.0"]),
+    "median-size-float": (_edit("preprocess.noise_reduction",
+                                {"enabled": True, "method": "median", "size": 2.5}),
+                          ["preprocess.noise_reduction.size: got 2.5", "method 'median'"]),
+    "sigma-with-per-lag": (_edit("nlsq.noise", {"method": "per_lag", "sigma": 0.01}),
+                           ["nlsq.noise.sigma: only used when", "remove it"]),
+    "frames-end-before-start": (_edit("datasets.demo.frames", {"start": 5, "end": 3}),
+                                ["dataset 'demo'", ">= start_frame (5), got 3"]),
+    "override-in-dataset": (_edit("datasets.demo.cmc.combine", {"rhat_acceptable": 1.0}),
+                            ["dataset 'demo'", "rhat_acceptable: must be >= rhat_good"]),
+    "fixed-unknown": (_edit("nlsq.fixed_parameters", ["D1"]),
+                      ["nlsq.fixed_parameters: ['D1'] are not parameters"]),
+    "bounds-reversed": (_edit("parameters.D0", {"bounds": [1e5, 10.0]}),
+                        ["parameter 'D0': lower bound 100000 must be below upper bound 10"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS_CASES))
+def test_settings_errors_stop_the_workflow_before_any_job(case):
+    edit, needles = SETTINGS_CASES[case]
+    config = copy.deepcopy(CONFIG)
+    edit(config)
+    validate_config(config, SCHEMA)  # each value passes the schema ...
+    with pytest.raises(ConfigError) as err:
+        check_stage_settings(config)  # ... the settings of the stage that uses it do not
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+def test_the_shipped_config_builds_every_stage_settings():
+    check_stage_settings(CONFIG)
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))

@@ -666,6 +666,30 @@ def test_shards_are_combined_in_the_rates_coordinates(tmp_path):
         ].mean(),
         rel=0.01,
     )
+    space_record = _strict_json(tmp_path / "out" / "analysis_results_cmc.json")["parameter_space"]
+    assert [space_record[n]["prior"]["sigma"] for n in names] == [1e4, 0.5, 1e3]
+
+
+def test_the_analysis_record_reports_the_prior_the_shards_used():
+    """Bounds and prior from the shards' recorded space (config overrides, prior type
+    nlsq), not the registry's defaults; the registry's only for shards without one."""
+    from types import SimpleNamespace
+
+    from homodyne_steps.stages.cmc_records import _parameter_space
+
+    names = ("D0", "alpha", "D_offset")
+    space = make_space(names, [50.0, -1.5, -10.0], [2e5, 1.0, 10.0], [2e4, -0.2, 1.0],
+                       [3e3, 0.1, 2.0], t=0.1 * np.arange(1, 21))  # fmt: skip
+    run = SimpleNamespace(first=SimpleNamespace(space=space, physical=names))
+    rec = _parameter_space(run)
+    assert rec["D0"] == {"bounds": [50.0, 2e5], "unit": "Å²/s", "prior": {"mu": 2e4, "sigma": 3e3}}
+    assert rec["alpha"]["prior"] == {"mu": -0.2, "sigma": 0.1}
+    assert rec["D_offset"]["bounds"] == [-10.0, 10.0]
+    old = _parameter_space(SimpleNamespace(first=SimpleNamespace(space=None, physical=names)))
+    assert old["D0"]["prior"] == {
+        "mu": REGISTRY["D0"].prior_mu,
+        "sigma": REGISTRY["D0"].prior_sigma,
+    }
 
 
 def test_one_stuck_shard_makes_the_run_not_converged_and_is_named(tmp_path):

@@ -624,7 +624,6 @@ def test_settings_errors_name_the_key(mapping, key):
     ("mapping", "key"),
     [
         ({"fixed_parameters": ["gamma_dot_t0"]}, "nlsq.fixed_parameters"),
-        ({"fixed_parameters": ["D_0"]}, "nlsq.fixed_parameters"),
         ({"initial_parameters": {"phi0": 1.0}}, "nlsq.initial_parameters"),
     ],
 )
@@ -639,6 +638,8 @@ def test_parameter_not_of_the_mode(static_case, mapping, key):
 def test_unknown_initial_parameter_is_a_config_error():
     with pytest.raises(ConfigError, match=r"nlsq\.initial_parameters"):
         NlsqSettings.from_mapping({"initial_parameters": {"D_0": 1e4}})
+    with pytest.raises(ConfigError, match=r"nlsq\.fixed_parameters: \['D_0'\] are not"):
+        NlsqSettings.from_mapping({"fixed_parameters": ["D_0"]})
 
 
 # ---------------------------------------------------------------------------------------

@@ -185,14 +185,31 @@ def test_conda_env_matches_pyproject():
     assert conda == wanted
 
 
-def test_snakemake_names_a_bad_key_and_stops(tmp_path):
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # the schema's verdict
+        (
+            lambda c: c["preprocess"]["noise_reduction"].update(sise=3),
+            "preprocess.noise_reduction.sise: unknown key",
+        ),
+        # each value valid alone: the stage settings, built when the workflow starts
+        (
+            lambda c: c["cmc"]["combine"].update(rhat_acceptable=1.01),
+            "dataset 'demo': cmc.combine.rhat_acceptable: must be >= rhat_good",
+        ),
+    ],
+    ids=["schema", "settings"],
+)
+def test_snakemake_names_a_bad_key_and_stops(tmp_path, edit, message):
     cwd = copy_workflow(tmp_path)
     config = copy.deepcopy(CONFIG)
-    config["preprocess"]["noise_reduction"]["sise"] = 3
+    edit(config)
     write_config(cwd, config)
     done = snakemake(cwd, "-n")
     assert done.returncode != 0
-    assert "preprocess.noise_reduction.sise: unknown key" in done.stdout + done.stderr
+    text = done.stdout + done.stderr
+    assert message in text and "Traceback" not in text, text[-3000:]
 
 
 @pytest.mark.slow

@@ -276,6 +276,58 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
     raise ConfigError(f"no config slice defined for stage {stage!r}")
 
 
+def _settings_parsers() -> dict[str, Callable[[dict[str, Any]], Any]]:
+    """Stage -> the typed settings its job builds from its slice (imported here, not at
+    the top: the settings modules are light, but the Snakefile imports this module)."""
+    from homodyne_steps.data.preprocess_settings import PreprocessSettings
+    from homodyne_steps.data.qc_settings import QcSettings
+    from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSettings
+    from homodyne_steps.inference.combine_settings import CombineSettings
+    from homodyne_steps.inference.nlsq_settings import NlsqSettings
+    from homodyne_steps.physics.registry import REGISTRY
+    from homodyne_steps.plots.plot_settings import PlotSettings
+    from homodyne_steps.stages.cmc_plan import ShardingSettings
+    from homodyne_steps.stages.filter import FilterSettings
+    from homodyne_steps.stages.load import LoadSettings
+
+    return {
+        "load": LoadSettings.from_mapping,
+        "filter": FilterSettings.from_mapping,
+        "preprocess": PreprocessSettings.from_mapping,
+        "qc": QcSettings.from_mapping,
+        "nlsq": lambda s: (
+            NlsqSettings.from_mapping(s.get("nlsq")),
+            REGISTRY.with_overrides(s.get("parameters")),
+        ),
+        "cmc_plan": lambda s: ShardingSettings.from_mapping(s.get("sharding")),
+        "cmc_shard": lambda s: (
+            SamplerSettings.from_mapping(s.get("sampler")),
+            PriorSettings.from_mapping(s.get("prior")),
+        ),
+        "cmc_combine": lambda s: CombineSettings.from_mapping(s.get("combine")),
+        "plot_data": PlotSettings.from_mapping,
+    }
+
+
+def check_stage_settings(config: Mapping[str, Any]) -> None:
+    """Build every stage's typed settings for every dataset, as its job will.
+
+    The schema checks each value alone; the settings classes also check what it cannot
+    (two thresholds in order, a filter size a method can use, a key that only makes sense
+    with another). Done when the workflow starts, so such a value stops it before the
+    first job, naming the dataset and the key, instead of failing a job hours later.
+    """
+    from homodyne_steps.errors import HomodyneStepsError
+
+    parsers = _settings_parsers()
+    for name in dataset_names(config):
+        for stage, parse in parsers.items():
+            try:
+                parse(stage_slice(config, stage, name))
+            except HomodyneStepsError as exc:
+                raise ConfigError(f"dataset {name!r}: {exc}") from None
+
+
 def stage_settings(config: Mapping[str, Any], stage: str, dataset: str) -> str:
     """The slice as canonical JSON (keys sorted recursively): stable under YAML reordering."""
     return json.dumps(stage_slice(config, stage, dataset), sort_keys=True, separators=(",", ":"))

@@ -4,6 +4,7 @@ import re
 
 from homodyne_steps.io.cmc_files import CmcPlan
 from homodyne_steps.wfconfig import (
+    check_stage_settings,
     code_fingerprint,
     dataset_names,
     stage_settings,
@@ -17,6 +18,8 @@ from homodyne_steps.wfconfig import (
 SCHEMA = workflow.source_path("../schemas/config.schema.yaml")
 stop_on_config_error(validate_config, config, SCHEMA)
 validate(config, "../schemas/config.schema.yaml", set_default=False)
+# ... then builds every stage's typed settings once, as the jobs will (wfconfig).
+stop_on_config_error(check_stage_settings, config)
 
 DATASETS = dataset_names(config)
 SIMULATED = sorted(config.get("simulate", {}))

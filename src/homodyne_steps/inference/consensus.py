@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from homodyne_steps.inference.combine_settings import METHODS
 from homodyne_steps.io.shard_io import Shard, ShardError
 from homodyne_steps.physics.cmc_space import (
     COMBINATION,
@@ -45,8 +46,6 @@ from homodyne_steps.physics.cmc_space import (
     theta_from_w,
     w_from_theta,
 )
-
-METHODS = ("robust_consensus_mc", "consensus_mc", "simple_average")
 
 
 class SelectionRules(Protocol):

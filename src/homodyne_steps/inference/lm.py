@@ -49,18 +49,9 @@ from homodyne_steps.inference.likelihood import (
     optimal_scaling,
     schur_theta,
 )
+from homodyne_steps.inference.nlsq_settings import SolverSettings
 from homodyne_steps.physics.model import KernelGrid
 from homodyne_steps.physics.scaling import ScalingMap
-
-
-@dataclass(frozen=True)
-class SolverSettings:
-    max_iterations: int = 100
-    ftol: float = 1e-10
-    xtol: float = 1e-10
-    gtol: float = 1e-8
-    dchi2_tol: float = 1e-3
-    initial_damping: float = 1e-3
 
 
 @dataclass
@@ -318,9 +309,10 @@ def _search(prob: Problem, cur: _Iterate, a_u, g_u, free, lam: float, nu: float,
 
 
 def levenberg_marquardt(
-    prob: Problem, theta0: np.ndarray, psi0: np.ndarray, settings: SolverSettings = SolverSettings()
+    prob: Problem, theta0: np.ndarray, psi0: np.ndarray, settings: SolverSettings | None = None
 ) -> FitResult:
     """Minimise χ² from (θ0, ψ0) within bounds; never raises on non-convergence."""
+    settings = settings or SolverSettings()
     t_start = time.perf_counter()
     p = theta0.size
     x = np.concatenate([theta0, np.zeros(0) if prob.varpro else psi0]).astype(np.float64)

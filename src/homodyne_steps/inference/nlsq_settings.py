@@ -7,14 +7,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from homodyne_steps.errors import ConfigError
-from homodyne_steps.inference.lm import (
-    SolverSettings,
-)
 from homodyne_steps.inference.noise import NoiseSettings
 from homodyne_steps.inference.stratify import ChunkingSettings
 from homodyne_steps.physics.registry import REGISTRY
 from homodyne_steps.physics.scaling import DEFAULT_MODE, MODES
 from homodyne_steps.settings import check_keys, get_choice, get_int, get_number
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """Levenberg–Marquardt stopping rules and start damping (``nlsq.solver``)."""
+
+    max_iterations: int = 100
+    ftol: float = 1e-10
+    xtol: float = 1e-10
+    gtol: float = 1e-8
+    dchi2_tol: float = 1e-3
+    initial_damping: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,12 @@ class NlsqSettings:
         fixed = m.get("fixed_parameters") or []
         if not isinstance(fixed, list | tuple) or not all(isinstance(x, str) for x in fixed):
             raise ConfigError(f"{where}.fixed_parameters: expected a list of parameter names")
+        unknown = [n for n in fixed if n not in REGISTRY.names]
+        if unknown:
+            raise ConfigError(
+                f"{where}.fixed_parameters: {unknown} are not parameters; known: "
+                f"{list(REGISTRY.names)}"
+            )
         solver = dict(m.get("solver") or {})
         w = f"{where}.solver"
         check_keys(solver, {"max_iterations", "dchi2_tol", "ftol", "xtol", "gtol"}, w)

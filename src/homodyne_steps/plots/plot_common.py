@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 
-from homodyne_steps.errors import ConfigError, DataError  # noqa: E402
+from homodyne_steps.errors import DataError  # noqa: E402
 from homodyne_steps.io.record import Record  # noqa: E402
 from homodyne_steps.io.serialise import (  # noqa: E402
     SerialisationError,
@@ -37,7 +37,7 @@ from homodyne_steps.io.serialise import (  # noqa: E402
     read_json_object,
     write_json,
 )
-from homodyne_steps.settings import check_keys, get_int  # noqa: E402
+from homodyne_steps.plots.plot_settings import PlotSettings  # noqa: E402
 
 R = TypeVar("R", bound=Record)
 
@@ -79,37 +79,6 @@ STATUS_COLOURS = {
 
 class PlotError(DataError):
     """A plot stage's input is missing or not what the stage expects."""
-
-
-@dataclass(frozen=True)
-class PlotSettings:
-    """``plot:`` section of the config.
-
-    dpi: pixels per inch of every PNG (figure sizes are fixed in inches).
-    max_pixels: largest side, in matrix elements, of a heatmap as drawn (block mean).
-    max_shards: at most this many shards in the per-shard CMC figures (first ones).
-    """
-
-    dpi: int = 100
-    max_pixels: int = 500
-    max_shards: int = 12
-
-    @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | None, where: str = "plot") -> PlotSettings:
-        m = {} if m is None else m
-        check_keys(m, {"dpi", "max_pixels", "max_shards"}, where)
-        d = cls()
-        dpi = get_int(m, "dpi", d.dpi, where, minimum=30)
-        if dpi > 600:
-            raise ConfigError(f"{where}.dpi: must be <= 600, got {dpi}")
-        return cls(
-            dpi=dpi,
-            max_pixels=get_int(m, "max_pixels", d.max_pixels, where, minimum=16),
-            max_shards=get_int(m, "max_shards", d.max_shards, where, minimum=1),
-        )
-
-    def to_mapping(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass

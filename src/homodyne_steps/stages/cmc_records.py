@@ -215,6 +215,25 @@ def _dataset_info(run: CombinedRun) -> dict[str, Any]:
     }
 
 
+def _parameter_space(run: CombinedRun) -> dict[str, Any]:
+    """Bounds and prior of each physical parameter as the shards used them (config
+    overrides and ``cmc.prior.type: nlsq`` included); the registry's for shard files that
+    do not record their space."""
+    space = run.first.space
+    out = {}
+    for n in run.first.physical:
+        spec = REGISTRY[n]
+        if space is not None and n in space.names:
+            j = space.names.index(n)
+            bounds = [float(space.lower[j]), float(space.upper[j])]
+            prior = {"mu": float(space.prior_mu[j]), "sigma": float(space.prior_sigma[j])}
+        else:
+            bounds = list(spec.bounds)
+            prior = {"mu": spec.prior_mu, "sigma": spec.prior_sigma}
+        out[n] = {"bounds": bounds, "unit": spec.unit, "prior": prior}
+    return out
+
+
 def analysis_record(run: CombinedRun) -> CmcAnalysis:
     """``analysis_results_cmc.json``: quality in words, data, sampling, priors, NLSQ."""
     quality, s = run.diagnosis.quality, run.settings
@@ -233,14 +252,7 @@ def analysis_record(run: CombinedRun) -> CmcAnalysis:
         },
         "dataset_info": _dataset_info(run),
         "sampling_summary": sampling_summary(run),
-        "parameter_space": {
-            n: {
-                "bounds": list(REGISTRY[n].bounds),
-                "unit": REGISTRY[n].unit,
-                "prior": {"mu": REGISTRY[n].prior_mu, "sigma": REGISTRY[n].prior_sigma},
-            }
-            for n in run.first.physical
-        },
+        "parameter_space": _parameter_space(run),
         "nlsq_comparison": run.diagnosis.comparison,
         "settings": s.to_mapping(),
     }
