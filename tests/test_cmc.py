@@ -50,7 +50,7 @@ def test_plan_covers_every_point_once_and_every_shard_every_angle(tmp_path):
     n_pairs = 59 * 58 // 2
     n_points = 3 * n_pairs
     idx = read_npz(tmp_path / "plan.npz")["indices"]
-    assert rec["num_shards"] == idx.shape[0] == 4
+    assert rec.num_shards == idx.shape[0] == 4
     real = idx[idx < n_points]
     np.testing.assert_array_equal(np.sort(real), np.arange(n_points))  # each point once
     for row in idx:

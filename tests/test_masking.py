@@ -143,9 +143,9 @@ def test_cmc_plan_holds_only_finite_points_with_their_ids(runs, tmp_path):
     )
     n_pairs = N_T * (N_T - 1) // 2
     n_finite = 3 * (n_pairs - int(hole_mask(N_T).sum()))
-    assert rec["n_points"] == n_finite and rec["n_masked"] == 3 * n_pairs - n_finite
+    assert rec.n_points == n_finite and rec.n_masked == 3 * n_pairs - n_finite
     # by information: n_finite // (1000 x 3 parameters); the hole leaves fewer shards
-    assert rec["num_shards"] == n_finite // 3_000 < 3 * n_pairs // 3_000
+    assert rec.num_shards == n_finite // 3_000 < 3 * n_pairs // 3_000
     plan = read_npz(tmp_path / "plan.npz")
     ids = plan["indices"][plan["indices"] < 3 * n_pairs]
     assert int(plan["n_ids"]) == 3 * n_pairs and ids.size == n_finite == np.unique(ids).size

@@ -297,7 +297,7 @@ def _run_cmc_plan(args: argparse.Namespace) -> int:
         settings=ShardingSettings.from_mapping(s.get("sharding")),
         sampling_coordinates=s.get("sampling_coordinates", DEFAULT_COORDINATES),
     )
-    print(f"{rec['num_shards']} shards: {rec['decisions'][0]['reason']}")
+    print(f"{rec.num_shards} shards: {rec.decisions[0].reason}")
     return 0
 
 

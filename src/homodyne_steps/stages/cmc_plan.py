@@ -37,7 +37,11 @@ from homodyne_steps.inference.stratify import diagnose, stratified_plan
 from homodyne_steps.io.cmc_files import CmcPlan, PlanDecision
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.serialise import write_npz
-from homodyne_steps.physics.coordinates import SAMPLING_COORDINATES, SHARDABLE_COORDINATES
+from homodyne_steps.physics.coordinates import (
+    DEFAULT_COORDINATES,
+    SAMPLING_COORDINATES,
+    SHARDABLE_COORDINATES,
+)
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 from homodyne_steps.physics.scaling import fourier_order
 from homodyne_steps.settings import check_keys, get_int
@@ -154,10 +158,9 @@ def cmc_plan_stage(
     mode: str,
     scaling_mode: str,
     settings: ShardingSettings,
-    sampling_coordinates: str = "rates",
-) -> dict[str, Any]:
-    """Write ``plan.npz`` and ``plan.json`` (:class:`~homodyne_steps.io.cmc_files.CmcPlan`);
-    returns plan.json's mapping."""
+    sampling_coordinates: str = DEFAULT_COORDINATES,
+) -> CmcPlan:
+    """Write ``plan.npz`` and ``plan.json``; returns the plan's record."""
     start = time.perf_counter()
     data = XpcsData.from_npz(qc_npz)
     n_pairs = data.n_t * (data.n_t - 1) // 2
@@ -214,4 +217,4 @@ def cmc_plan_stage(
         duration_s=time.perf_counter() - start,
     )
     record.write(out_json)
-    return record.to_json()
+    return record
