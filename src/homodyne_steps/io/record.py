@@ -50,6 +50,12 @@ class _Absent:
 
 ABSENT: Any = _Absent()
 
+
+def or_none(value: Any) -> Any:
+    """``value``, or None where it is :data:`ABSENT` (a key the file does not hold)."""
+    return None if value is ABSENT else value
+
+
 R = TypeVar("R", bound="Record")
 
 _KIND = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -178,4 +184,4 @@ class Record:
         return write_json(path, self.to_json())
 
 
-__all__ = ["ABSENT", "Record", "RecordError", "json_key"]
+__all__ = ["ABSENT", "Record", "RecordError", "json_key", "or_none"]

@@ -33,7 +33,7 @@ from homodyne_steps.io.cmc_files import (
     CombinationReport,
 )
 from homodyne_steps.io.nlsq_files import NlsqParameters
-from homodyne_steps.io.record import Record, RecordError
+from homodyne_steps.io.record import Record, RecordError, or_none
 from homodyne_steps.io.serialise import finite_or_none, to_jsonable
 from homodyne_steps.io.shard_io import Shard
 from homodyne_steps.physics.cmc_space import COMBINATION
@@ -135,13 +135,13 @@ def _per_angle(run: CombinedRun) -> list[dict[str, Any]] | None:
 def sampling_summary(run: CombinedRun) -> dict[str, Any]:
     draws, first = run.combination.draws, run.first
     n_chains, n_samples = int(draws.shape[0]), int(draws.shape[1])
-    timings = [sh.meta.get("timings") or {} for sh in run.shards]
+    timings = [or_none(sh.meta.timings) or {} for sh in run.shards]
     total_times = [finite_or_none(t.get("total_s")) for t in timings]
     total_times = [t for t in total_times if t is not None]
     return {
         "n_chains": n_chains,
         "n_samples": n_samples,
-        "n_warmup": first.meta.get("num_warmup"),
+        "n_warmup": or_none(first.meta.num_warmup),
         "total_samples": n_chains * n_samples,
         "num_shards": first.num_shards,
         "num_shards_used": len(run.kept),
@@ -191,7 +191,7 @@ def parameters_record(run: CombinedRun) -> CmcParameters:
         "per_angle_scaling": first.per_angle_scaling,
         "convergence": _convergence(run),
         "sampling_summary": sampling_summary(run),
-        "noise_scale": first.meta.get("noise_scale"),
+        "noise_scale": or_none(first.meta.noise_scale),
     }
     return _record(CmcParameters, mapping)
 
@@ -210,7 +210,7 @@ def _dataset_info(run: CombinedRun) -> dict[str, Any]:
         "n_points_per_shard": {str(sh.index): sh.n_points for sh in shards},
         "num_shards": first.num_shards,
         "prior_tempering": [sh.prior_tempering for sh in shards],
-        "noise_scale": first.meta.get("noise_scale"),
+        "noise_scale": or_none(first.meta.noise_scale),
         "shard_files": [str(sh.nc_path) for sh in shards],
     }
 
@@ -285,8 +285,8 @@ def _shard_entry(run: CombinedRun, sh: Shard) -> dict[str, Any]:
         "acceptance_rate": _stat_mean([sh], "acceptance_rate"),
         "mean_tree_depth": _stat_mean([sh], "tree_depth"),
         "step_size": _stat_mean([sh], "step_size"),
-        "timings": sh.meta.get("timings"),
-        "seed": sh.meta.get("seed"),
+        "timings": or_none(sh.meta.timings),
+        "seed": or_none(sh.meta.seed),
         "excluded": sh.index in sel.excluded,
         "excluded_by": sel.excluded_by.get(sh.index),
         "reason": sel.excluded.get(sh.index),

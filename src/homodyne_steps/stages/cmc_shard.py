@@ -31,7 +31,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,12 +50,9 @@ from homodyne_steps.inference.noise import noise_scale_record
 from homodyne_steps.inference.shard_mode import ShardMode, shard_mode
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.nlsq_files import NlsqParameters
-from homodyne_steps.io.serialise import (
-    atomic_path,
-    finite_or_none,
-    read_npz,
-    write_json,
-)
+from homodyne_steps.io.record import RecordError
+from homodyne_steps.io.serialise import finite_or_none, read_npz, to_jsonable
+from homodyne_steps.io.shard_io import ShardPosterior, ShardSummary, write_shard_posterior
 from homodyne_steps.physics.cmc_space import (
     COMBINATION,
     SampledSpace,
@@ -284,44 +280,6 @@ def noise_scale_from_nlsq(nlsq_params: NlsqParameters) -> dict[str, Any]:
     return noise_scale_record(float(chi2_red))
 
 
-@dataclass
-class ShardPosterior:
-    """One shard's draws in ArviZ's InferenceData layout (groups ``posterior`` and
-    ``sample_stats``, dims (chain, draw, ...)), built and written with xarray: a shard
-    job is short, and importing ArviZ alone takes ~3.5 s of it. The combination stage
-    reads the file with ``arviz.from_netcdf``."""
-
-    posterior: Any  # xarray.Dataset
-    sample_stats: Any  # xarray.Dataset
-
-    @classmethod
-    def from_arrays(
-        cls, posterior: Mapping[str, np.ndarray], sample_stats: Mapping[str, np.ndarray]
-    ) -> ShardPosterior:
-        import xarray as xr
-
-        def dataset(arrays: Mapping[str, np.ndarray]) -> xr.Dataset:
-            first = next(iter(arrays.values()))
-            coords = {"chain": np.arange(first.shape[0]), "draw": np.arange(first.shape[1])}
-            variables = {}
-            for name, x in arrays.items():
-                extra = tuple(f"{name}_dim_{i}" for i in range(x.ndim - 2))
-                variables[name] = (("chain", "draw", *extra), x)
-                coords.update({d: np.arange(n) for d, n in zip(extra, x.shape[2:], strict=True)})
-            return xr.Dataset(variables, coords=coords)
-
-        return cls(dataset(posterior), dataset(sample_stats))
-
-    def groups(self) -> list[str]:
-        return ["posterior", "sample_stats"]
-
-    def to_netcdf(self, path: str | os.PathLike[str], engine: str = "h5netcdf") -> None:
-        for i, group in enumerate(self.groups()):
-            getattr(self, group).to_netcdf(
-                str(path), mode="w" if i == 0 else "a", group=group, engine=engine
-            )
-
-
 def _start_point(space: SampledSpace, coords: str, theta0) -> np.ndarray:
     """The start θ0 in the sampling coordinates; a clear error where they cannot hold it."""
     w0 = np.asarray(w_from_theta(np.asarray(theta0, dtype=np.float64), space, coords))
@@ -542,9 +500,20 @@ def cmc_shard_stage(
     record["timings"]["prepare_s"] = t_prep - t_start
     record["timings"]["compile_and_warmup_s"] = record["timings"].pop("warmup_s")
     record["timings"]["total_s"] = time.perf_counter() - t_start
-    _write_netcdf(idata, out_nc)
-    write_json(out_json, record)
+    summary = _summary(record, out_json)
+    write_shard_posterior(idata, out_nc)
+    summary.write(out_json)
     return record
+
+
+def _summary(record: Mapping[str, Any], path: str | os.PathLike[str]) -> ShardSummary:
+    """The shard's record as its typed summary; refuses a key the summary does not hold
+    (the combination would never see it)."""
+    clean = to_jsonable(record)
+    summary = ShardSummary.from_json(clean, path)
+    if summary.to_json() != clean:
+        raise RecordError(f"{path}: ShardSummary does not hold every key of the shard record")
+    return summary
 
 
 def _read_inputs(qc_npz, plan_npz, nlsq_parameters, nlsq_fitted):
@@ -589,12 +558,6 @@ def _shard_record(
         "noise_scale": inp.noise_scale,
         **sampling,
     }
-
-
-def _write_netcdf(idata, path: str | os.PathLike[str]) -> Path:
-    with atomic_path(path) as tmp:
-        idata.to_netcdf(str(tmp), engine="h5netcdf")
-    return Path(path)
 
 
 __all__ = [
