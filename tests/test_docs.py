@@ -33,7 +33,7 @@ SCHEMA = yaml.safe_load(
 CATALOG = ROOT / "config" / "README.md"
 TEST_CONFIG = ROOT / ".test" / "config" / "config.yaml"
 # Dataset entries may carry these sections; they are catalogued once, at the top level.
-OVERRIDABLE = ("filter", "preprocess", "qc", "nlsq", "cmc")
+OVERRIDABLE = ("filter", "preprocess", "qc", "model", "nlsq", "cmc")
 
 
 def _resolve(node: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from homodyne_steps.physics.registry import REGISTRY
 def _run_simulate(args: argparse.Namespace) -> int:
     # the options' defaults shape what is simulated: simulate's fingerprint includes them
     from homodyne_steps import cli_simulate  # noqa: F401
+    from homodyne_steps.physics.model_settings import ModelSettings
     from homodyne_steps.physics.reference import REFERENCE_CASES
     from homodyne_steps.physics.registry import canonical_mode
     from homodyne_steps.settings import parse_settings_json
@@ -59,6 +60,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         avg_frames=args.avg_frames,
         stride_frames=args.stride_frames,
         seed=args.seed,
+        model=ModelSettings(shear=args.shear, integral=args.integral),
     )
     return _simulate_and_report(settings, args)
 
@@ -178,9 +180,10 @@ def _run_qc(args: argparse.Namespace) -> int:
 
 def _run_nlsq(args: argparse.Namespace) -> int:
     from homodyne_steps.inference.nlsq_settings import NlsqSettings
+    from homodyne_steps.physics.model_settings import ModelSettings
     from homodyne_steps.stages.nlsq_stage import nlsq_stage
 
-    s = _job_settings(args.settings, "nlsq", {"analysis_mode", "L", "parameters", "nlsq"})
+    s = _job_settings(args.settings, "nlsq", {"analysis_mode", "L", "parameters", "nlsq", "model"})
     settings = NlsqSettings.from_mapping(s.get("nlsq"))
     out = nlsq_stage(
         args.input,
@@ -189,6 +192,7 @@ def _run_nlsq(args: argparse.Namespace) -> int:
         L=s["L"],
         settings=settings,
         parameter_overrides=s.get("parameters"),
+        model=ModelSettings.from_mapping(s.get("model")),
     )
     r = out.result
     print(
@@ -302,12 +306,14 @@ def _run_cmc_plan(args: argparse.Namespace) -> int:
 
 
 def _run_cmc_shard(args: argparse.Namespace) -> int:
-
     from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSettings
+    from homodyne_steps.physics.model_settings import ModelSettings
     from homodyne_steps.stages.cmc_shard import cmc_shard_stage
 
     s = _job_settings(
-        args.settings, "cmc-shard", {"analysis_mode", "L", "parameters", "sampler", "prior"}
+        args.settings,
+        "cmc-shard",
+        {"analysis_mode", "L", "model", "parameters", "sampler", "prior"},
     )
     nlsq = _nlsq_inputs(args, "parameters", "fitted")
     rec = cmc_shard_stage(
@@ -323,6 +329,7 @@ def _run_cmc_shard(args: argparse.Namespace) -> int:
         sampler=SamplerSettings.from_mapping(s.get("sampler")),
         prior=PriorSettings.from_mapping(s.get("prior")),
         parameter_overrides=s.get("parameters"),
+        model=ModelSettings.from_mapping(s.get("model")),
     )
     t = rec["timings"]
     print(
@@ -334,9 +341,11 @@ def _run_cmc_shard(args: argparse.Namespace) -> int:
 
 def _run_cmc_combine(args: argparse.Namespace) -> int:
     from homodyne_steps.inference.cmc_fitted import FittedInputs
+    from homodyne_steps.physics.model_settings import ModelSettings
     from homodyne_steps.stages.cmc_combine import CombineSettings, combine_stage
 
-    s = _job_settings(args.settings, "cmc-combine", {"analysis_mode", "L", "combine"})
+    s = _job_settings(args.settings, "cmc-combine", {"analysis_mode", "L", "model", "combine"})
+    model = ModelSettings.from_mapping(s.get("model"))
     nlsq = _nlsq_inputs(args, "parameters", "fitted")
     shards = [Path(p) for p in args.shards]
     out = combine_stage(
@@ -345,7 +354,7 @@ def _run_cmc_combine(args: argparse.Namespace) -> int:
         args.out_dir,
         CombineSettings.from_mapping(s.get("combine")),
         nlsq_parameters=nlsq["parameters"],
-        fitted=FittedInputs(args.input, nlsq["fitted"], s["analysis_mode"], s["L"]),
+        fitted=FittedInputs(args.input, nlsq["fitted"], s["analysis_mode"], s["L"], model),
     )
     print(f"CMC {out.status}: {len(out.kept)} shards kept, {len(out.excluded)} excluded")
     return 0

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from homodyne_steps.physics.model_settings import (
+    DEFAULT_INTEGRAL,
+    DEFAULT_SHEAR,
+    INTEGRALS,
+    SHEAR_FORMS,
+)
 from homodyne_steps.physics.registry import MODE_ALIASES, REGISTRY
 
 
@@ -127,6 +133,19 @@ def _add_simulate_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--avg-frames", type=int, default=2)
     p.add_argument("--stride-frames", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shear",
+        choices=SHEAR_FORMS,
+        default=DEFAULT_SHEAR,
+        help="shear form the data are drawn from: physical (uniform gradient across the "
+        "gap, sinc²) or homodyne (the seed's sinc⁴)",
+    )
+    p.add_argument(
+        "--integral",
+        choices=INTEGRALS,
+        default=DEFAULT_INTEGRAL,
+        help="exact power-law integrals or the seed's trapezoid",
+    )
 
 
 __all__ = ["add_simulate"]

@@ -235,6 +235,8 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
         return {k: entry[k] for k in LOAD_KEYS if k in entry}
     if stage in PLOT_STAGES:  # the same for every dataset: one look across datasets
         return dict(config.get("plot") or {})
+    # the kernel's model: shared by NLSQ and CMC, overridable per dataset
+    model = deep_merge(config.get("model") or {}, entry.get("model") or {})
     if stage.startswith("cmc_"):
         cmc = deep_merge(config.get("cmc") or {}, entry.get("cmc") or {})
         nlsq = deep_merge(config.get("nlsq") or {}, entry.get("nlsq") or {})
@@ -255,12 +257,18 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
             return {
                 **common,
                 "L": entry.get("L"),
+                "model": model,
                 "parameters": config.get("parameters") or {},
                 "sampler": cmc.get("sampler") or {},
                 "prior": cmc.get("prior") or {},
             }
         if stage == "cmc_combine":
-            return {**common, "L": entry.get("L"), "combine": cmc.get("combine") or {}}
+            return {
+                **common,
+                "L": entry.get("L"),
+                "model": model,
+                "combine": cmc.get("combine") or {},
+            }
         if stage == "cmc_resources":
             return dict(cmc.get("resources") or {})
     merged = deep_merge(config.get(stage) or {}, entry.get(stage) or {})
@@ -268,6 +276,7 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
         return {
             "analysis_mode": entry["analysis_mode"],
             "L": entry.get("L"),
+            "model": model,
             "parameters": config.get("parameters") or {},
             "nlsq": merged,
         }
@@ -284,6 +293,7 @@ def _settings_parsers() -> dict[str, Callable[[dict[str, Any]], Any]]:
     from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSettings
     from homodyne_steps.inference.combine_settings import CombineSettings
     from homodyne_steps.inference.nlsq_settings import NlsqSettings
+    from homodyne_steps.physics.model_settings import ModelSettings
     from homodyne_steps.physics.registry import REGISTRY
     from homodyne_steps.plots.plot_settings import PlotSettings
     from homodyne_steps.stages.cmc_plan import ShardingSettings
@@ -298,6 +308,7 @@ def _settings_parsers() -> dict[str, Callable[[dict[str, Any]], Any]]:
         "nlsq": lambda s: (
             NlsqSettings.from_mapping(s.get("nlsq")),
             REGISTRY.with_overrides(s.get("parameters")),
+            ModelSettings.from_mapping(s.get("model")),
         ),
         "cmc_plan": lambda s: ShardingSettings.from_mapping(s.get("sharding")),
         "cmc_shard": lambda s: (

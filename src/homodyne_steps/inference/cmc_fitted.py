@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from homodyne_steps.io.fitted_io import write_fitted_data
 from homodyne_steps.io.record import ABSENT
 from homodyne_steps.io.serialise import read_npz
 from homodyne_steps.physics.model import make_grid
+from homodyne_steps.physics.model_settings import ModelSettings
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 
 
@@ -46,6 +47,7 @@ class FittedInputs:
     nlsq_fitted: str | os.PathLike[str]
     analysis_mode: str
     L: float
+    model: ModelSettings = field(default_factory=ModelSettings)
 
 
 @dataclass
@@ -58,11 +60,11 @@ class FittedModel:
     contrast: np.ndarray
     offset: np.ndarray
     sigma_lag: np.ndarray
+    model: ModelSettings = field(default_factory=ModelSettings)
 
     def write(self, path: str | os.PathLike[str]) -> Path:
-        write_fitted_data(
-            path, self.data, self.L, self.physical, self.contrast, self.offset, self.sigma_lag
-        )
+        write_fitted_data(path, self.data, self.L, self.physical, self.contrast, self.offset,
+                          self.sigma_lag, self.model)  # fmt: skip
         return Path(path)
 
 
@@ -94,7 +96,9 @@ def cmc_fitted_model(
         offset = np.array([row.offset.mean for row in per_angle], dtype=float)
     else:
         n_pairs = data.n_t * (data.n_t - 1) // 2
-        grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt)
+        grid = make_grid(
+            data.t1, data.phi_angles_list, data.q, L, data.dt, **inputs.model.to_mapping()
+        )
         st = accumulate(
             physical,
             grid,
@@ -103,4 +107,4 @@ def cmc_fitted_model(
             False,
         )
         contrast, offset = optimal_scaling(st)
-    return FittedModel(data, L, physical, contrast, offset, sigma_lag)
+    return FittedModel(data, L, physical, contrast, offset, sigma_lag, inputs.model)

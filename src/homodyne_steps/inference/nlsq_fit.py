@@ -30,6 +30,7 @@ from homodyne_steps.inference.stratify import diagnose_counts
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.serialise import finite_or_none
 from homodyne_steps.physics.model import make_grid
+from homodyne_steps.physics.model_settings import ModelSettings
 from homodyne_steps.physics.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.physics.scaling import build_map, quantile_estimates
 
@@ -51,6 +52,7 @@ class NlsqOutcome:
     multistart: dict[str, Any] | None = None
     per_angle_fits: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    model: ModelSettings = field(default_factory=ModelSettings)
 
 
 @dataclass
@@ -65,9 +67,12 @@ class _Prepared:
     contrast0: np.ndarray
     offset0: np.ndarray
     fixed: np.ndarray
+    model: ModelSettings
 
 
-def _prepare(data: XpcsData, mode: str, L: float, s: NlsqSettings, registry: Registry) -> _Prepared:
+def _prepare(
+    data: XpcsData, mode: str, L: float, s: NlsqSettings, registry: Registry, model: ModelSettings
+) -> _Prepared:
     mode = canonical_mode(mode)
     names = registry.physical_names(mode)
     unknown = [n for n in s.initial_parameters if n not in names]
@@ -94,9 +99,11 @@ def _prepare(data: XpcsData, mode: str, L: float, s: NlsqSettings, registry: Reg
     if n_points <= len(names) + 2 * data.n_phi:
         raise DataError(f"only {n_points} usable points: too few to fit {mode} mode")
     contrast0, offset0 = quantile_estimates(c2, registry)
-    grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt)
+    grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt, **model.to_mapping())
     fixed = np.array([n in s.fixed_parameters for n in names])
-    return _Prepared(mode, names, grid, c2, sigma_lag, n_points, theta0, contrast0, offset0, fixed)
+    return _Prepared(
+        mode, names, grid, c2, sigma_lag, n_points, theta0, contrast0, offset0, fixed, model
+    )
 
 
 def _blocks(prep: _Prepared, s: NlsqSettings) -> tuple[np.ndarray, dict[str, Any]]:
@@ -209,6 +216,7 @@ def _outcome(prep, prob, result, phi, s, diag, strategy, extra=None) -> NlsqOutc
         uncertainties=unc,
         chi2_per_angle=chi_squared_per_angle(st, result.contrast, result.offset),
         diagnostics=diag,
+        model=prep.model,
     )
     for k, v in (extra or {}).items():
         setattr(out, k, v)
@@ -216,9 +224,14 @@ def _outcome(prep, prob, result, phi, s, diag, strategy, extra=None) -> NlsqOutc
 
 
 def fit_joint(
-    data: XpcsData, mode: str, L: float, s: NlsqSettings, registry: Registry = REGISTRY
+    data: XpcsData,
+    mode: str,
+    L: float,
+    s: NlsqSettings,
+    registry: Registry = REGISTRY,
+    model: ModelSettings | None = None,
 ) -> NlsqOutcome:
-    prep = _prepare(data, mode, L, s, registry)
+    prep = _prepare(data, mode, L, s, registry, model or ModelSettings())
     phi = np.asarray(data.phi_angles_list, dtype=np.float64)
     prob, psi0, diag = _problem(prep, phi, s, registry)
     result = levenberg_marquardt(prob, prep.theta0, psi0, s.solver)
@@ -257,7 +270,7 @@ def _fit_angle(data: XpcsData, prep: _Prepared, k: int, L: float, s: NlsqSetting
     sub_c2, sub_sigma = prep.c2[k : k + 1], prep.sigma_lag[k : k + 1]
     sub = replace(
         prep,
-        grid=make_grid(data.t1, phi, data.q, L, data.dt),
+        grid=make_grid(data.t1, phi, data.q, L, data.dt, **prep.model.to_mapping()),
         c2=sub_c2,
         sigma_lag=sub_sigma,
         n_points=count_points(sub_c2, sub_sigma),
@@ -403,7 +416,12 @@ def _sequential_verdict(n_used, n_full, n_phi, s: NlsqSettings, comb: _Combined,
 
 
 def fit_sequential(
-    data: XpcsData, mode: str, L: float, s: NlsqSettings, registry: Registry = REGISTRY
+    data: XpcsData,
+    mode: str,
+    L: float,
+    s: NlsqSettings,
+    registry: Registry = REGISTRY,
+    model: ModelSettings | None = None,
 ) -> NlsqOutcome:
     """Fit each angle alone; combine the physical parameters by their information.
 
@@ -428,7 +446,7 @@ def fit_sequential(
     An angle counts as a success for ``min_success_rate`` when its information is used
     (it reached a stationary point, identified or not); one that did not converge is not.
     """
-    prep = _prepare(data, mode, L, s, registry)
+    prep = _prepare(data, mode, L, s, registry, model or ModelSettings())
     phi = np.asarray(data.phi_angles_list, dtype=np.float64)
     fits = [_fit_angle(data, prep, k, L, s, registry) for k in range(phi.size)]
     used = np.array([_usable(r) for r, _ in fits], dtype=bool)
@@ -452,6 +470,7 @@ def fit_sequential(
         chi2_per_angle=at.chi2,
         diagnostics={"n_chunks": None, "note": "one problem per angle"},
         per_angle_fits=per_angle,
+        model=prep.model,
     )
     out.diagnostics["success_rate"] = float(used.mean())
     out.diagnostics["identified_alone"] = n_full
@@ -505,10 +524,17 @@ def _sequential_result(
 
 
 def fit(
-    data: XpcsData, mode: str, L: float, s: NlsqSettings, registry: Registry = REGISTRY
+    data: XpcsData,
+    mode: str,
+    L: float,
+    s: NlsqSettings,
+    registry: Registry = REGISTRY,
+    model: ModelSettings | None = None,
 ) -> NlsqOutcome:
+    """Fit ``data`` with the kernel's ``model`` (default: physical shear, exact
+    integrals) by the strategy of ``s``."""
     start = time.perf_counter()
     fn = fit_sequential if s.strategy == "sequential" else fit_joint
-    out = fn(data, mode, L, s, registry)
+    out = fn(data, mode, L, s, registry, model)
     out.timings["fit_s"] = time.perf_counter() - start
     return out

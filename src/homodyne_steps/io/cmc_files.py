@@ -139,6 +139,8 @@ class CmcParameters(Record):
     schema_version: int
     method: str
     analysis_mode: str
+    #: the kernel's shear form and integral, from the shards (null: shards without it)
+    model: dict[str, str] | None = ABSENT
     combination_method: str
     parameters: dict[str, PosteriorStats]
     #: null when the shards hold no per-angle scaling

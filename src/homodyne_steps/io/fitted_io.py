@@ -15,6 +15,7 @@ from homodyne_steps._jax import jnp
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.serialise import write_npz
 from homodyne_steps.physics.model import c2_matrix, make_grid
+from homodyne_steps.physics.model_settings import ModelSettings
 
 
 def write_fitted_data(
@@ -25,13 +26,15 @@ def write_fitted_data(
     contrast: np.ndarray,
     offset: np.ndarray,
     sigma_lag: np.ndarray,
+    model: ModelSettings | None = None,
 ) -> None:
     """The model at ``physical`` with per-angle scaling, beside the data (seed §9 keys).
 
     ``c2_theoretical_raw`` is g1² (contrast 1, offset 0); ``residuals_normalized`` uses
     the fit's noise model σ(angle, lag). Large arrays are produced one at a time.
     """
-    grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt)
+    model = model or ModelSettings()
+    grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt, **model.to_mapping())
     ones = jnp.ones(data.n_phi)
     c2_raw = np.asarray(c2_matrix(jnp.asarray(physical), ones, 0.0 * ones, grid))  # g1²
     lag = np.abs(np.arange(data.n_t)[:, None] - np.arange(data.n_t)[None, :])

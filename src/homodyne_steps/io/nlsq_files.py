@@ -65,6 +65,9 @@ class NlsqParameters(Record):
 
     schema_version: int
     analysis_mode: str
+    #: the kernel's ``shear`` and ``integral`` (:mod:`homodyne_steps.physics.model_settings`);
+    #: records written before the choice existed used the seed's homodyne/trapezoid
+    model: dict[str, str] = ABSENT
     parameters: dict[str, NlsqEstimate]
     per_angle: list[AngleScaling]
     #: older records lack it; they were fitted with varpro scaling
@@ -123,6 +126,7 @@ class NlsqAnalysis(Record):
     method: str
     strategy: str
     analysis_mode: str
+    model: dict[str, str] = ABSENT
     per_angle_scaling: str
     fit_quality: FitQuality
     dataset_info: DatasetInfo

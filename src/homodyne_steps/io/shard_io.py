@@ -50,6 +50,8 @@ class ShardSummary(Record):
     n_points: int
     seed: int = ABSENT
     analysis_mode: str = ABSENT
+    #: the kernel's shear form and integral
+    model: dict[str, str] = ABSENT
     per_angle_scaling: str = ABSENT
     parameters: list[str] = ABSENT
     sampled: list[str] = ABSENT
@@ -443,6 +445,10 @@ def _check_same(shards: Sequence[Shard]) -> None:
         if len(values) > 1:
             detail = ", ".join(f"{s.nc_path.name}: {getattr(s, attr)!r}" for s in shards)
             raise ShardError(f"shards do not belong together: {attr} differs ({detail})")
+    models = {repr(or_none(s.meta.model)) for s in shards}
+    if len(models) > 1:
+        detail = ", ".join(f"{s.json_path.name}: {or_none(s.meta.model)}" for s in shards)
+        raise ShardError(f"shards do not belong together: the model differs ({detail})")
     spaces = {None if sh.space is None else sh.space.to_json() for sh in shards}
     if len(spaces) > 1:
         raise ShardError(

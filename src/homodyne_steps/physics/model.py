@@ -1,26 +1,34 @@
 r"""The homodyne model under laminar flow: the one physics kernel of the package.
 
-Equations (seed convention, ``shared/spec/physics.md``)::
+Equations (``shared/spec/physics.md``; ``docs/model.md`` has the derivation)::
 
     D(t)   = D0 t^alpha + D_offset                        [Å²/s]
     γ̇(t)   = gamma_dot_t0 t^beta + gamma_dot_t_offset     [1/s]
     t_safe = max(t, eps), eps = max(dt/2, 1e-8)           (power laws at t = 0)
 
-    I_D[k] = cumulative trapezoid of D over grid indices 0..k (index units), I_γ likewise
-    g1_diff(i, j)    = exp(clip(-(q² dt / 2) |I_D[j] - I_D[i]|, -700, 0))
-    Φ(φ, i, j)       = (q L dt / 2π) cos(phi0 - φ) |I_γ[j] - I_γ[i]|
-    g1_shear(φ, i, j) = sinc(Φ)²      (unnormalised sinc; Taylor series for |Φ| < 1e-4)
-    g1 = max(g1_diff g1_shear, 1e-10);  c2 = offset + contrast g1²
+    g1_diff(i, j) = exp(clip(-(q²/2) |∫_{t_i}^{t_j} D dt|, -700, 0))
+    c2 = offset + contrast g1²,   g1 = max(g1_diff g1_shear, 1e-10)
 
-Static mode has g1_shear = 1. Integrals are always the numerical trapezoid on the grid,
-never closed forms, so a fit reproduces what the reference package computes.
+Two shear forms (``shear=``), the same diffusion factor in both:
+
+    physical:  g1_shear = |sinc(Ψ)|,  Ψ = (q L / 2)  cos(phi0 - φ) ∫ γ̇ dt   (c2 carries sinc²)
+    homodyne:  g1_shear = sinc(Φ)²,   Φ = (q L / 2π) cos(phi0 - φ) ∫ γ̇ dt   (c2 carries sinc⁴)
+
+``physical`` is a uniform velocity gradient across the gap L (first principles).
+``homodyne`` is the seed's and the reference package's form. Two integrals
+(``integral=``): ``exact`` evaluates the power laws' antiderivatives; ``trapezoid`` is
+the cumulative trapezoid on the grid, as the reference package does.
+``shear="homodyne", integral="trapezoid"`` reproduces the seed equations exactly and is
+the default (:mod:`homodyne_steps.physics.model_settings` says why).
+Static mode has g1_shear = 1. sinc(x) = sin(x)/x, with its Taylor series for |x| < 1e-4.
 
 Structure: :func:`g1_from_integrals` is the only place the equations live. It evaluates
 g1 on arrays of index pairs ``(i, j)`` and angle indices ``a`` (any broadcastable shapes)
 from the cumulative integrals. :func:`c2_pairs` (fitting and sampling), :func:`c2_matrix`
 (full (n_phi, n_t, n_t) view) and :func:`compute_c2` (NumPy convenience) are gathers
 over it. The analysis mode is the length of the physical parameter vector (3 or 7), a
-trace-time constant, so each mode compiles once per array shape.
+trace-time constant, so each mode compiles once per array shape; the model choice is a
+value in the grid, so switching it does not recompile.
 """
 
 from __future__ import annotations
@@ -33,6 +41,12 @@ import numpy as np
 
 from homodyne_steps._jax import jax, jnp
 from homodyne_steps.errors import ModelInputError
+from homodyne_steps.physics.model_settings import (
+    DEFAULT_INTEGRAL,
+    DEFAULT_SHEAR,
+    INTEGRALS,
+    SHEAR_FORMS,
+)
 from homodyne_steps.physics.registry import REGISTRY, Registry
 
 LOG_G1_MIN = -700.0  # exp(-700) ~ 1e-304: clip the exponent, not g1
@@ -50,13 +64,34 @@ class KernelGrid(NamedTuple):
         t_safe: (n_t,) times in s, floored at ``max(dt/2, 1e-8)`` for the power laws.
         phi_deg: (n_phi,) scattering angles in degrees.
         diffusion_factor: ``0.5 q² dt`` in s/Å² · s (multiplies the index-unit ∫D).
-        shear_factor: ``q L dt / (2π)`` (multiplies the index-unit ∫γ̇), dimensionless·s.
+        shear_factor: ``q L dt / 2`` (physical) or ``q L dt / (2π)`` (homodyne): multiplies
+            the index-unit ∫γ̇.
+        dt: the time step in s (turns exact integrals into index units).
+        t_floor: ``eps``, the time below which the power laws are held at their value at
+            ``eps``; ``t_below_floor``: ``min(t, eps)`` per frame (the exact integral of
+            that held value over frames before ``eps``).
+        shear_power: 1.0 (physical: g1_shear = |sinc|) or 2.0 (homodyne: sinc²).
+        exact: 1.0 for the power laws' exact integrals, 0.0 for the trapezoid.
     """
 
     t_safe: jax.Array
     phi_deg: jax.Array
     diffusion_factor: jax.Array
     shear_factor: jax.Array
+    dt: jax.Array
+    t_floor: jax.Array
+    t_below_floor: jax.Array
+    shear_power: jax.Array
+    exact: jax.Array
+
+
+def check_model(shear: str, integral: str) -> tuple[str, str]:
+    """``(shear, integral)`` checked against :data:`SHEAR_FORMS` and :data:`INTEGRALS`."""
+    if shear not in SHEAR_FORMS:
+        raise ModelInputError(f"shear must be one of {SHEAR_FORMS}, got {shear!r}")
+    if integral not in INTEGRALS:
+        raise ModelInputError(f"integral must be one of {INTEGRALS}, got {integral!r}")
+    return shear, integral
 
 
 def _positive_finite(name: str, value: object) -> float:
@@ -99,9 +134,18 @@ def infer_dt(t: np.ndarray, dt: float | None = None) -> float:
 
 
 def make_grid(
-    t: np.ndarray, phi_deg: np.ndarray, q: float, L: float, dt: float | None = None
+    t: np.ndarray,
+    phi_deg: np.ndarray,
+    q: float,
+    L: float,
+    dt: float | None = None,
+    *,
+    shear: str = DEFAULT_SHEAR,
+    integral: str = DEFAULT_INTEGRAL,
 ) -> KernelGrid:
-    """Precompute the per-dataset constants (``t`` in s, ``q`` in 1/Å, ``L`` in Å)."""
+    """Precompute the per-dataset constants (``t`` in s, ``q`` in 1/Å, ``L`` in Å) of the
+    model ``shear`` / ``integral`` (see the module)."""
+    check_model(shear, integral)
     t = np.asarray(t, dtype=np.float64)
     dt = infer_dt(t, dt)
     q = _positive_finite("q", q)
@@ -119,7 +163,14 @@ def make_grid(
         t_safe=jnp.asarray(t_safe),
         phi_deg=jnp.asarray(phi),
         diffusion_factor=jnp.asarray(0.5 * q * q * dt),
-        shear_factor=jnp.asarray(q * L * dt / (2.0 * math.pi)),
+        shear_factor=jnp.asarray(
+            q * L * dt / (2.0 * math.pi) if shear == "homodyne" else q * L * dt / 2.0
+        ),
+        dt=jnp.asarray(dt),
+        t_floor=jnp.asarray(eps),
+        t_below_floor=jnp.asarray(np.minimum(t, eps)),
+        shear_power=jnp.asarray(2.0 if shear == "homodyne" else 1.0),
+        exact=jnp.asarray(1.0 if integral == "exact" else 0.0),
     )
 
 
@@ -141,6 +192,35 @@ def cumulative_trapezoid(f: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros((1,), f.dtype), jnp.cumsum(0.5 * (f[1:] + f[:-1]))])
 
 
+def _exprel(x: jax.Array) -> jax.Array:
+    """(eˣ − 1)/x, with its series near 0."""
+    small = jnp.abs(x) < 1e-6
+    x_safe = jnp.where(small, 1.0, x)
+    return jnp.where(small, 1.0 + x / 2.0 + x * x / 6.0, jnp.expm1(x_safe) / x_safe)
+
+
+def power_law_antiderivative(
+    amplitude: jax.Array, exponent: jax.Array, offset: jax.Array, t_safe: jax.Array
+) -> jax.Array:
+    """F(t) with F' = amplitude t^exponent + offset (up to a constant), in value·s:
+    amplitude (t^(e+1) − 1)/(e+1) + offset t, written as amplitude ln t · exprel((e+1) ln t)
+    so that e = −1 (amplitude ln t) needs no special case."""
+    log_t = jnp.log(t_safe)
+    return amplitude * log_t * _exprel((exponent + 1.0) * log_t) + offset * t_safe
+
+
+def _cumulative(amplitude, exponent, offset, grid: KernelGrid) -> jax.Array:
+    """∫_{t_0}^{t_k} (amplitude t^exponent + offset) dt in grid-index units (÷ dt): exact
+    or the trapezoid, as the grid says. Both integrate the power law held at its value at
+    ``t_floor`` below it (t = 0 frames), the exact one exactly."""
+    trapezoid = cumulative_trapezoid(amplitude * grid.t_safe**exponent + offset)
+    held = amplitude * grid.t_floor**exponent + offset
+    f = power_law_antiderivative(amplitude, exponent, offset, grid.t_safe)
+    f = f + held * grid.t_below_floor
+    exact = (f - f[0]) / grid.dt
+    return jnp.where(grid.exact > 0.5, exact, trapezoid)
+
+
 def sinc_unnormalised(x: jax.Array) -> jax.Array:
     """sin(x)/x with its Taylor series near 0 (value and gradient continuous, no NaN)."""
     small = jnp.abs(x) < SINC_TAYLOR_BELOW
@@ -150,10 +230,10 @@ def sinc_unnormalised(x: jax.Array) -> jax.Array:
 
 
 def cumulative_integrals(physical: jax.Array, grid: KernelGrid) -> tuple[jax.Array, jax.Array]:
-    """(I_D, I_γ) on the grid; I_γ is zeros in static mode."""
-    i_d = cumulative_trapezoid(diffusion_coefficient(physical, grid.t_safe))
+    """(I_D, I_γ) on the grid in index units; I_γ is zeros in static mode."""
+    i_d = _cumulative(physical[0], physical[1], physical[2], grid)
     if physical.shape[0] == N_LAMINAR:
-        i_g = cumulative_trapezoid(shear_rate(physical, grid.t_safe))
+        i_g = _cumulative(physical[3], physical[4], physical[5], grid)
     else:
         i_g = jnp.zeros_like(i_d)
     return i_d, i_g
@@ -177,7 +257,8 @@ def g1_from_integrals(
     if physical.shape[0] == N_LAMINAR:
         cos_angle = jnp.cos(jnp.deg2rad(physical[6] - grid.phi_deg))
         phase = grid.shear_factor * cos_angle[a] * jnp.abs(i_g[j] - i_g[i])
-        g1 = g1 * sinc_unnormalised(phase) ** 2
+        sinc = sinc_unnormalised(phase)
+        g1 = g1 * jnp.where(grid.shear_power > 1.5, sinc * sinc, jnp.abs(sinc))
     return jnp.where(g1 > G1_FLOOR, g1, G1_FLOOR)
 
 
@@ -308,6 +389,8 @@ def compute_c2(
     dt: float | None = None,
     registry: Registry = REGISTRY,
     check_bounds: bool = True,
+    shear: str = DEFAULT_SHEAR,
+    integral: str = DEFAULT_INTEGRAL,
 ) -> np.ndarray:
     """c2(phi, t1, t2) of the homodyne model as a NumPy float64 array.
 
@@ -321,12 +404,14 @@ def compute_c2(
         contrast, offset: scalar or (n_phi,); registry defaults when omitted.
         dt: time step in s (inferred from ``t`` when omitted; checked against it).
         check_bounds: reject parameters outside the registry bounds.
+        shear: ``"physical"`` or ``"homodyne"`` (the seed's sinc⁴ form; the default).
+        integral: ``"exact"`` or ``"trapezoid"`` (the seed's; the default).
 
     Returns:
         (n_phi, n_t, n_t) symmetric float64 array.
     """
     _, physical = registry.physical_vector(params, mode, check_bounds=check_bounds)
-    grid = make_grid(t, phi_deg, q, L, dt)
+    grid = make_grid(t, phi_deg, q, L, dt, shear=shear, integral=integral)
     n_phi = grid.phi_deg.shape[0]
     contrast_v = registry.per_angle_vector(
         "contrast", registry["contrast"].default if contrast is None else contrast, n_phi

@@ -182,6 +182,7 @@ def parameters_record(run: CombinedRun) -> CmcParameters:
         "schema_version": SCHEMA_VERSION,
         "method": "cmc",
         "analysis_mode": first.analysis_mode,
+        "model": or_none(first.meta.model),
         "combination_method": run.settings.method,
         "parameters": {
             n: {**_stat_entry(summary, j), "unit": REGISTRY[n].unit}

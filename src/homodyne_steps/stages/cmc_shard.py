@@ -50,7 +50,7 @@ from homodyne_steps.inference.noise import noise_scale_record
 from homodyne_steps.inference.shard_mode import ShardMode, shard_mode
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.nlsq_files import NlsqParameters
-from homodyne_steps.io.record import RecordError
+from homodyne_steps.io.record import RecordError, or_none
 from homodyne_steps.io.serialise import finite_or_none, read_npz, to_jsonable
 from homodyne_steps.io.shard_io import ShardPosterior, ShardSummary, write_shard_posterior
 from homodyne_steps.physics.cmc_space import (
@@ -64,6 +64,7 @@ from homodyne_steps.physics.cmc_space import (
 )
 from homodyne_steps.physics.coordinates import SHARDABLE_COORDINATES
 from homodyne_steps.physics.model import make_grid
+from homodyne_steps.physics.model_settings import ModelSettings
 from homodyne_steps.physics.registry import REGISTRY, Registry, canonical_mode
 from homodyne_steps.physics.scaling import build_map, quantile_estimates
 
@@ -74,6 +75,7 @@ class ShardInputs:
 
     mode: str
     names: tuple[str, ...]  # the physical parameters (registry order)
+    model: ModelSettings  # the kernel's shear form and integral
     grid: Any
     blocks: Any  # (1, n_phi, m) point ids
     n_points: int
@@ -192,10 +194,18 @@ def prepare_shard(
     L: float,
     prior: PriorSettings,
     registry: Registry = REGISTRY,
+    model: ModelSettings | None = None,
 ) -> ShardInputs:
     mode = canonical_mode(mode)
+    model = model or ModelSettings()
     if nlsq_params.analysis_mode != mode:
         raise DataError(f"the NLSQ result is for {nlsq_params.analysis_mode!r} mode, not {mode!r}")
+    nlsq_model = or_none(nlsq_params.model) or {"shear": "homodyne", "integral": "trapezoid"}
+    if nlsq_model != model.to_mapping():
+        raise DataError(
+            f"the NLSQ result was fitted with model {nlsq_model}, the shards are asked for "
+            f"{model.to_mapping()}: rerun the NLSQ stage with the same model"
+        )
     names = registry.physical_names(mode)
     n_phi, n_t = data.n_phi, data.n_t
     n_pairs = n_t * (n_t - 1) // 2
@@ -243,7 +253,8 @@ def prepare_shard(
     return ShardInputs(
         mode=mode,
         names=names,
-        grid=make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt),
+        model=model,
+        grid=make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt, **model.to_mapping()),
         blocks=jnp.asarray(blocks),
         n_points=int(ids.size),
         n_phi=n_phi,
@@ -463,8 +474,10 @@ def cmc_shard_stage(
     sampler: SamplerSettings,
     prior: PriorSettings,
     parameter_overrides: Mapping[str, Any] | None = None,
+    model: ModelSettings | None = None,
 ) -> dict[str, Any]:
     """Sample shard ``shard`` of the plan; write its InferenceData and record."""
+    model = model or ModelSettings()
     t_start = time.perf_counter()
     registry = REGISTRY.with_overrides(parameter_overrides)
     data, plan, nlsq_params, sigma_lag = _read_inputs(
@@ -480,6 +493,7 @@ def cmc_shard_stage(
         L=L,
         prior=prior,
         registry=registry,
+        model=model,
     )
     t_prep = time.perf_counter()
     idata, record = run_shard(inp, sampler, prior, shard)
@@ -540,6 +554,7 @@ def _shard_record(
         "n_points": inp.n_points,
         "seed": sampler.seed,
         "analysis_mode": inp.mode,
+        "model": inp.model.to_mapping(),
         "per_angle_scaling": inp.scaling_mode,
         "parameters": list(inp.names),
         "sampled": list(inp.space.names),

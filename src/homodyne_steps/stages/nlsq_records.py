@@ -77,6 +77,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqPa
     return NlsqParameters(
         schema_version=SCHEMA_VERSION,
         analysis_mode=out.mode,
+        model=out.model.to_mapping(),
         parameters={
             name: NlsqEstimate(
                 value=float(r.physical[k]),
@@ -136,7 +137,7 @@ def write_outputs(
     analysis = analysis_record(out, data, L, registry)
     convergence = convergence_record(out, registry)
     write_fitted_data(out_dir / "fitted_data.npz", data, L, r.physical, r.contrast, r.offset,
-                      out.sigma_lag)  # fmt: skip
+                      out.sigma_lag, out.model)  # fmt: skip
     write_json(out_dir / "analysis_results_nlsq.json", analysis)
     write_json(out_dir / "convergence_metrics.json", convergence)
     params.write(out_dir / "parameters.json")  # last: the workflow's sentinel
@@ -157,6 +158,7 @@ def analysis_record(
         "method": "nlsq",
         "strategy": out.strategy,
         "analysis_mode": out.mode,
+        "model": out.model.to_mapping(),
         "per_angle_scaling": out.scaling_mode,
         "fit_quality": {
             "chi_squared": r.chi_squared,

@@ -33,6 +33,7 @@ from homodyne_steps.errors import HomodyneStepsError
 from homodyne_steps.inference.nlsq_fit import NlsqOutcome, fit
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
 from homodyne_steps.io.dataset import XpcsData
+from homodyne_steps.physics.model_settings import ModelSettings
 from homodyne_steps.physics.registry import REGISTRY
 from homodyne_steps.stages.nlsq_records import parameters_record, write_outputs
 
@@ -56,6 +57,7 @@ def nlsq_stage(
     L: float,
     settings: NlsqSettings,
     parameter_overrides: Mapping[str, Any] | None = None,
+    model: ModelSettings | None = None,
 ) -> NlsqOutcome:
     """Fit a QC'd dataset and write the four output files into ``out_dir``.
 
@@ -65,7 +67,7 @@ def nlsq_stage(
     """
     registry = REGISTRY.with_overrides(parameter_overrides)
     data = XpcsData.from_npz(in_npz)
-    out = fit(data, mode, L, settings, registry)
+    out = fit(data, mode, L, settings, registry, model)
     out_dir = Path(out_dir)
     failed = out_dir / "parameters.failed.json"
     if not out.result.converged and settings.on_failure == "error":

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from homodyne_steps import __version__
-from homodyne_steps.errors import SimulationError
+from homodyne_steps.errors import HomodyneStepsError, SimulationError
 from homodyne_steps.io.aps_writer import FORMATS, TwoTimeBins, write_aps_file
 from homodyne_steps.io.serialise import write_json
 from homodyne_steps.physics.model import compute_c2
+from homodyne_steps.physics.model_settings import ModelSettings
 from homodyne_steps.physics.reference import REFERENCE_CASES, REFERENCE_GEOMETRY
 from homodyne_steps.physics.registry import LAMINAR_FLOW, REGISTRY, canonical_mode
 
@@ -62,6 +63,7 @@ class SimulationSettings:
     avg_frames: int = 2
     stride_frames: int = 5
     seed: int = 0
+    model: ModelSettings = field(default_factory=ModelSettings)
 
     @property
     def target_ring(self) -> int:
@@ -87,7 +89,7 @@ def reference_settings(mode: str, **overrides: Any) -> SimulationSettings:
 SETTINGS_KEYS = (
     "mode", "params", "phi_deg", "n_frames", "q", "L", "dt", "contrast", "offset", "noise",
     "diagonal_excess", "n_q_rings", "q_ring_step", "empty_cells", "avg_frames",
-    "stride_frames", "seed",
+    "stride_frames", "seed", "model",
 )  # fmt: skip
 
 
@@ -116,6 +118,11 @@ def settings_from_mapping(m: Mapping[str, Any], where: str = "simulate") -> Simu
         overrides["phi_deg"] = tuple(overrides["phi_deg"])
     if "empty_cells" in overrides:
         overrides["empty_cells"] = tuple(tuple(c) for c in overrides["empty_cells"])
+    if "model" in overrides:
+        try:
+            overrides["model"] = ModelSettings.from_mapping(overrides["model"], f"{where}.model")
+        except HomodyneStepsError as exc:
+            raise SimulationError(str(exc)) from None
     return reference_settings(mode, params=params, **overrides)
 
 
@@ -176,7 +183,7 @@ def simulate_bins(s: SimulationSettings) -> tuple[TwoTimeBins, dict[str, Any]]:
     for iq, q_ring in enumerate(s.q_rings()):
         clean = compute_c2(
             dict(s.params), t=t, phi_deg=phi, q=q_ring, L=s.L, contrast=contrast,
-            offset=offset, dt=s.dt,
+            offset=offset, dt=s.dt, shear=s.model.shear, integral=s.model.integral,
         )  # fmt: skip
         for ip in range(n_phi):
             if (iq, ip) in empty:
@@ -199,6 +206,7 @@ def simulate_bins(s: SimulationSettings) -> tuple[TwoTimeBins, dict[str, Any]]:
     truth = {
         "params": {n: float(s.params[n]) for n in names},
         "analysis_mode": mode,
+        "model": s.model.to_mapping(),
         "contrast": contrast.tolist() if np.ptp(contrast) else float(contrast[0]),
         "offset": offset.tolist() if np.ptp(offset) else float(offset[0]),
         "q": float(s.q_rings()[s.target_ring]),
