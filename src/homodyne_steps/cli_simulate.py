@@ -56,6 +56,15 @@ def add_simulate(sub: argparse._SubParsersAction, run) -> None:
 
 def _add_simulate_files(p: argparse.ArgumentParser) -> None:
     """The files ``simulate`` writes and the JSON settings the workflow passes."""
+    p.add_argument(
+        "--method",
+        choices=("model", "speckle"),
+        default="model",
+        help="model: c2 drawn from the model with Gaussian noise (the options below); "
+        "speckle: moving particles, speckle, photon counts and the beamline correlator "
+        '(settings from --settings, e.g. \'{"gap": "uniform", "n_frames": 120}\'; '
+        "defaults: the laminar reference case, 6 angles x 120 frames)",
+    )
     p.add_argument("--out", required=True, help="HDF5 file to write")
     p.add_argument("--truth", help="truth JSON (default: truth.json beside --out)")
     p.add_argument("--format", choices=["aps_u", "aps_old"], default="aps_u")

@@ -247,8 +247,26 @@ def simulate_file(
     if truth_path.resolve() == out.resolve():
         raise SimulationError(f"truth file and data file are the same path: {out}")
     bins, truth = simulate_bins(settings)
-    truth["format"] = fmt
-    truth["file"] = out.name
+    return write_simulation(bins, truth, out, fmt=fmt, truth_path=truth_path)
+
+
+def write_simulation(
+    bins: TwoTimeBins,
+    truth: dict[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    fmt: str = "aps_u",
+    truth_path: str | os.PathLike[str] | None = None,
+) -> tuple[Path, Path]:
+    """Write simulated ``bins`` as the APS file ``out`` and ``truth`` beside it (or at
+    ``truth_path``); return both paths. Shared by the model and the speckle simulators."""
+    if fmt not in FORMATS:
+        raise SimulationError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    out = Path(out)
+    truth_path = Path(truth_path) if truth_path is not None else out.parent / "truth.json"
+    if truth_path.resolve() == out.resolve():
+        raise SimulationError(f"truth file and data file are the same path: {out}")
+    truth = {**truth, "format": fmt, "file": out.name}
     write_aps_file(out, bins, fmt)
     write_json(truth_path, truth)
     return out, truth_path
