@@ -32,7 +32,7 @@ from homodyne_steps.errors import DataError
 from homodyne_steps.io.cmc_files import CmcAnalysis, CmcParameters, CombinationReport
 from homodyne_steps.io.data_files import LoadedReport, QcReport
 from homodyne_steps.io.nlsq_files import AngleScaling, DatasetInfo, NlsqAnalysis, NlsqParameters
-from homodyne_steps.io.record import Record
+from homodyne_steps.io.record import Record, or_none
 from homodyne_steps.io.serialise import SerialisationError, atomic_path, write_json
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 
@@ -304,6 +304,8 @@ def summary_row(results_dir: str | os.PathLike[str], dataset: str) -> dict[str, 
     return {
         "dataset": dataset,
         "analysis_mode": mode,
+        # the kernel the fits used (records from before the choice: the seed's form)
+        "model": or_none(records.nlsq.model) or {"shear": "homodyne", "integral": "trapezoid"},
         "parameter_names": list(names),
         "data": _data_section(records.loaded, records.nlsq_analysis.dataset_info),
         "qc": qc,
@@ -327,6 +329,11 @@ def columns(parameter_names: Sequence[str]) -> list[dict[str, str]]:
     out = [
         col("dataset", "", "dataset name in the config"),
         col("analysis_mode", "", "static or laminar_flow"),
+        col(
+            "model",
+            "",
+            "the kernel fitted: shear form/integral (physical or homodyne; exact or trapezoid)",
+        ),
         col("q", "1/Å", "wavevector of the analysed ring"),
         col("n_angles", "", "number of angle bins fitted"),
         col("phi_deg", "deg", "angle bins, ';'-separated"),
@@ -371,6 +378,7 @@ def flat_row(row: Mapping[str, Any], parameter_names: Sequence[str]) -> dict[str
     out: dict[str, Any] = {
         "dataset": row["dataset"],
         "analysis_mode": row["analysis_mode"],
+        "model": f"{row['model']['shear']}/{row['model']['integral']}",
         "q": d["q"],
         "n_angles": d["n_angles"],
         "phi_deg": ";".join(f"{p:g}" for p in d["phi_deg"]),
