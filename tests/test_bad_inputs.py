@@ -119,6 +119,11 @@ SETTINGS_CASES = {
                       ["nlsq.fixed_parameters: ['D1'] are not parameters"]),
     "bounds-reversed": (_edit("parameters.D0", {"bounds": [1e5, 10.0]}),
                         ["parameter 'D0': lower bound 100000 must be below upper bound 10"]),
+    "speckle-key-typo": (_edit("simulate.sp", {"method": "speckle", "speckle": {"gapp": 1}}),
+                         ["simulate.sp.speckle.gapp: unknown key"]),
+    "speckle-with-model-key": (_edit("simulate.sp", {"method": "speckle", "noise": 0.1}),
+                               ["simulate.sp.noise: not a setting of the speckle simulator",
+                                "under 'speckle:'"]),
 }  # fmt: skip
 
 
@@ -168,6 +173,18 @@ def test_yaml_syntax_errors_name_file_line_and_column(tmp_path, case):
     with pytest.raises(ConfigError) as err:
         check_config_file(path)
     assert str(path) in str(err.value) and needle in str(err.value), str(err.value)
+
+
+def test_a_simulate_entry_with_a_file_format_gives_the_simulator_valid_settings():
+    """format goes to --format; the settings the job parses must not hold it."""
+    from homodyne_steps.stages.simulate import settings_from_mapping
+
+    config = copy.deepcopy(CONFIG)
+    config["simulate"]["demo"]["format"] = "aps_old"
+    validate_config(config, SCHEMA)
+    entry = stage_slice(config, "simulate", "demo")
+    assert "format" not in entry
+    assert settings_from_mapping(entry).n_frames == CONFIG["simulate"]["demo"]["n_frames"]
 
 
 def test_simulate_entry_need_not_be_a_dataset():

@@ -716,8 +716,14 @@ def test_speckle_method_writes_a_file_the_load_stage_reads(tmp_path, capsys):
     np.testing.assert_allclose(c2, np.swapaxes(c2, 1, 2), rtol=1e-6)
     first_lag = np.mean([np.diagonal(m, 1).mean() for m in c2])
     assert 1.0 < first_lag < 1.0 + 1.5 * truth["contrast"]
+    # the workflow passes the whole simulate entry: {method: speckle, speckle: {...}}
+    entry = {"method": "speckle", "speckle": settings}
+    argv = ["simulate", "--out", str(tmp_path / "w.hdf"), "--truth", str(tmp_path / "w.json"),
+            "--settings", json.dumps(entry)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "w.json").read_text())["method"] == "speckle"
     # a bad key is one line naming it
     bad = ["simulate", "--method", "speckle", "--out", str(tmp_path / "b.hdf"),
            "--settings", '{"gapp": "uniform"}']  # fmt: skip
     assert cli.main(bad) == 2
-    assert "simulate.gapp: unknown key" in capsys.readouterr().err
+    assert "simulate.speckle.gapp: unknown key" in capsys.readouterr().err

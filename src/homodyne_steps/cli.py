@@ -24,13 +24,17 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from homodyne_steps.physics.model_settings import ModelSettings
     from homodyne_steps.physics.reference import REFERENCE_CASES
     from homodyne_steps.physics.registry import canonical_mode
+    from homodyne_steps.physics.speckle import speckle_mapping
     from homodyne_steps.settings import parse_settings_json
     from homodyne_steps.stages.simulate import SimulationSettings, settings_from_mapping
 
     if args.method == "speckle":
-        return _simulate_speckle(args)
+        return _simulate_speckle(args, parse_settings_json(args.settings or "{}", "simulate"))
     if args.settings is not None:
-        settings = settings_from_mapping(parse_settings_json(args.settings, "simulate"))
+        mapping = parse_settings_json(args.settings, "simulate")
+        if mapping.get("method") == "speckle":  # a workflow simulate entry
+            return _simulate_speckle(args, speckle_mapping(mapping))
+        settings = settings_from_mapping(mapping)
         return _simulate_and_report(settings, args)
     mode = canonical_mode(args.mode)
     case = REFERENCE_CASES[mode]
@@ -67,16 +71,14 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return _simulate_and_report(settings, args)
 
 
-def _simulate_speckle(args: argparse.Namespace) -> int:
-    """``simulate --method speckle``: settings from ``--settings`` only."""
+def _simulate_speckle(args: argparse.Namespace, mapping: dict) -> int:
+    """The speckle simulator on ``mapping`` (:class:`SpeckleSettings` keys)."""
     from homodyne_steps.physics.speckle import SpeckleSettings
-    from homodyne_steps.settings import parse_settings_json
     from homodyne_steps.stages.simulate import write_simulation
     from homodyne_steps.stages.simulate_speckle import speckle_bins
 
     start = time.perf_counter()
-    text = args.settings if args.settings is not None else "{}"
-    settings = SpeckleSettings.from_mapping(parse_settings_json(text, "simulate"))
+    settings = SpeckleSettings.from_mapping(mapping, "simulate.speckle")
     bins, truth = speckle_bins(settings)
     out, truth_path = write_simulation(
         bins, truth, args.out, fmt=args.format, truth_path=args.truth

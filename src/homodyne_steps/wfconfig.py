@@ -229,7 +229,8 @@ def stage_slice(config: Mapping[str, Any], stage: str, dataset: str) -> dict[str
         simulated = config.get("simulate") or {}
         if dataset not in simulated:
             raise ConfigError(f"simulate.{dataset}: no such entry; have {sorted(simulated)}")
-        return dict(simulated[dataset] or {})
+        # the file layout goes on the command line (--format), not into the settings
+        return {k: v for k, v in (simulated[dataset] or {}).items() if k != "format"}
     entry = config["datasets"][dataset]
     if stage == "load":
         return {k: entry[k] for k in LOAD_KEYS if k in entry}
@@ -329,7 +330,15 @@ def check_stage_settings(config: Mapping[str, Any]) -> None:
     first job, naming the dataset and the key, instead of failing a job hours later.
     """
     from homodyne_steps.errors import HomodyneStepsError
+    from homodyne_steps.physics.speckle import SpeckleSettings, speckle_mapping
 
+    for name, entry in (config.get("simulate") or {}).items():
+        if (entry or {}).get("method") == "speckle":
+            where = f"simulate.{name}"
+            try:
+                SpeckleSettings.from_mapping(speckle_mapping(entry, where), f"{where}.speckle")
+            except HomodyneStepsError as exc:
+                raise ConfigError(str(exc)) from None
     parsers = _settings_parsers()
     for name in dataset_names(config):
         for stage, parse in parsers.items():

@@ -580,3 +580,18 @@ def expected_c2(
         c = c * (1.0 - (1.0 + 2.0 * beta - c) / s.pixels_per_cell)
         np.fill_diagonal(c, beta * np.diagonal(g2))
     return 1.0 + c
+
+
+def speckle_mapping(m: Mapping[str, Any], where: str = "simulate") -> dict[str, Any]:
+    """The speckle simulator's settings of a workflow simulate entry ``{method: speckle,
+    speckle: {...}}`` (:class:`SpeckleSettings` keys)."""
+    other = sorted(set(m) - {"method", "speckle", "format"})
+    if other:
+        raise SimulationError(
+            f"{where}.{other[0]}: not a setting of the speckle simulator; with method: "
+            "speckle its settings go under 'speckle:'"
+        )
+    speckle = m.get("speckle") or {}
+    if not isinstance(speckle, Mapping):
+        raise SimulationError(f"{where}.speckle: expected a mapping, got {speckle!r}")
+    return dict(speckle)

@@ -98,6 +98,13 @@ def settings_from_mapping(m: Mapping[str, Any], where: str = "simulate") -> Simu
 
     ``params`` overrides individual physical parameters of that case.
     """
+    m = dict(m)
+    method = m.pop("method", "model")
+    if method != "model":
+        raise SimulationError(
+            f"{where}.method: {method!r} is not the model simulator's; use "
+            "speckle_mapping (or method: model)"
+        )
     unknown = sorted(set(m) - set(SETTINGS_KEYS))
     if unknown:
         raise SimulationError(
