@@ -255,3 +255,28 @@ def test_static_reference_posterior_recovers_the_truth(tmp_path):
         # match the full-data Laplace (NLSQ) uncertainty; a shard that loses points or
         # mixes angles shows up here as a too-wide posterior
         assert 0.8 < p["std"] / nlsq[name]["uncertainty"] < 1.25, (name, p, nlsq[name])
+
+
+def test_shards_refuse_an_nlsq_result_of_another_model():
+    """A shard samples the kernel of its own settings: an NLSQ record fitted with another
+    shear form or integral (its start and σ scale would not belong) is an error, and a
+    record from before the choice counts as the seed's homodyne/trapezoid."""
+    from dataclasses import replace
+
+    from homodyne_steps.errors import DataError
+    from homodyne_steps.io.record import ABSENT
+    from homodyne_steps.physics.model_settings import ModelSettings
+    from homodyne_steps.stages.cmc_shard import _check_same_fit
+    from test_cmc_combine import nlsq_record
+
+    rec = nlsq_record("static", {"D0": 1e4, "alpha": 0.0, "D_offset": 0.0},
+                      {"D0": 1.0, "alpha": 1.0, "D_offset": 1.0}, n_angles=1)  # fmt: skip
+    physical = ModelSettings(shear="physical", integral="exact")
+    seed = ModelSettings(shear="homodyne", integral="trapezoid")
+    assert rec.model is ABSENT
+    _check_same_fit(rec, "static", seed)  # an older record: the seed's form
+    with pytest.raises(DataError, match="fitted with model .*rerun the NLSQ stage"):
+        _check_same_fit(rec, "static", physical)
+    _check_same_fit(replace(rec, model=physical.to_mapping()), "static", physical)
+    with pytest.raises(DataError, match="is for 'static' mode, not 'laminar_flow'"):
+        _check_same_fit(rec, "laminar_flow", seed)

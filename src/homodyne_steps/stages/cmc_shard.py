@@ -183,6 +183,19 @@ def shard_model(space: SampledSpace, coords: str, num_shards: int, loglik_fn):
         numpyro.deterministic(var, value)
 
 
+def _check_same_fit(nlsq_params: NlsqParameters, mode: str, model: ModelSettings) -> None:
+    """The NLSQ result is of this analysis mode and kernel (records written before the
+    model choice existed used the seed's homodyne/trapezoid form)."""
+    if nlsq_params.analysis_mode != mode:
+        raise DataError(f"the NLSQ result is for {nlsq_params.analysis_mode!r} mode, not {mode!r}")
+    nlsq_model = or_none(nlsq_params.model) or {"shear": "homodyne", "integral": "trapezoid"}
+    if nlsq_model != model.to_mapping():
+        raise DataError(
+            f"the NLSQ result was fitted with model {nlsq_model}, the shards are asked for "
+            f"{model.to_mapping()}: rerun the NLSQ stage with the same model"
+        )
+
+
 def prepare_shard(
     data: XpcsData,
     plan_indices: np.ndarray,
@@ -198,14 +211,7 @@ def prepare_shard(
 ) -> ShardInputs:
     mode = canonical_mode(mode)
     model = model or ModelSettings()
-    if nlsq_params.analysis_mode != mode:
-        raise DataError(f"the NLSQ result is for {nlsq_params.analysis_mode!r} mode, not {mode!r}")
-    nlsq_model = or_none(nlsq_params.model) or {"shear": "homodyne", "integral": "trapezoid"}
-    if nlsq_model != model.to_mapping():
-        raise DataError(
-            f"the NLSQ result was fitted with model {nlsq_model}, the shards are asked for "
-            f"{model.to_mapping()}: rerun the NLSQ stage with the same model"
-        )
+    _check_same_fit(nlsq_params, mode, model)
     names = registry.physical_names(mode)
     n_phi, n_t = data.n_phi, data.n_t
     n_pairs = n_t * (n_t - 1) // 2
