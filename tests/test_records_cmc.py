@@ -30,7 +30,6 @@ from homodyne_steps.plots.plot_cmc import plot_cmc_stage
 from homodyne_steps.plots.plot_common import PlotError
 from homodyne_steps.stages.cmc_combine import CombineSettings, combine_stage
 from homodyne_steps.stages.cmc_plan import ShardingSettings, cmc_plan_stage
-from homodyne_steps.stages.cmc_records import _record
 from test_cmc_combine import STATIC_SD, STATIC_TRUTH, make_set, nlsq_record
 
 RECORDS = {
@@ -220,10 +219,12 @@ def test_keys_that_are_no_python_names_map_to_fields():
 
 
 def test_builders_write_null_for_non_finite_and_refuse_undeclared_keys():
-    rec = _record(TimeSpread, {"sum": np.float64("nan"), "max": np.float32(np.inf)})
+    rec = TimeSpread.of_mapping(
+        {"sum": np.float64("nan"), "max": np.float32(np.inf)}, null_non_finite=True
+    )
     assert rec == TimeSpread(sum=None, max=None)
     with pytest.raises(RecordError, match="does not hold every key"):
-        _record(TimeSpread, {"sum": 1.0, "max": 2.0, "mean": 1.5})
+        TimeSpread.of_mapping({"sum": 1.0, "max": 2.0, "mean": 1.5}, null_non_finite=True)
 
 
 def test_plots_name_the_corrupted_file_and_key(runs, tmp_path):

@@ -18,13 +18,19 @@ newer version still reads. A key that is no Python name (``hdi_3%``) is given wi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
-from homodyne_steps.io.serialise import SerialisationError, read_json_object, write_json
+from homodyne_steps.io.serialise import (
+    SerialisationError,
+    read_json_object,
+    to_jsonable,
+    write_json,
+)
 
 
 class RecordError(SerialisationError):
@@ -173,6 +179,25 @@ class Record:
         except RecordError as exc:
             where = f"{os.fspath(source)}: " if source is not None else ""
             raise RecordError(f"{where}{cls.WHAT}: {exc}") from None
+
+    @classmethod
+    def of_mapping(
+        cls: type[R],
+        mapping: Mapping[str, Any],
+        source: str | os.PathLike[str] | None = None,
+        *,
+        null_non_finite: bool = False,
+    ) -> R:
+        """The record a writer built as a mapping, as it will be written (numpy values
+        to JSON types; non-finite numbers to null with ``null_non_finite``). RecordError
+        when a value is of the wrong kind or the record would not write the mapping back
+        unchanged (a key the record does not declare would be lost)."""
+        clean = to_jsonable(mapping, null_non_finite=null_non_finite)
+        rec = cls.from_json(clean, source)
+        if json.dumps(rec.to_json()) != json.dumps(clean):  # key order is the contract
+            where = f"{os.fspath(source)}: " if source is not None else ""
+            raise RecordError(f"{where}{cls.WHAT}: {cls.__name__} does not hold every key")
+        return rec
 
     @classmethod
     def read(cls: type[R], path: str | os.PathLike[str]) -> R:

@@ -38,6 +38,14 @@ class ModelSettings:
             integral=get_choice(m, "integral", DEFAULT_INTEGRAL, INTEGRALS, where),
         )
 
+    @classmethod
+    def of_record(cls, recorded: Mapping[str, Any] | None) -> ModelSettings:
+        """The model an output records; outputs written before the choice existed (no
+        record) were fitted with the seed's homodyne/trapezoid form."""
+        if recorded is None:
+            return cls(shear="homodyne", integral="trapezoid")
+        return cls.from_mapping(recorded, "model (recorded)")
+
     def to_mapping(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -111,7 +111,7 @@ import numpy as np
 from homodyne_steps.errors import ConfigError, ParameterError, SimulationError
 from homodyne_steps.physics.reference import REFERENCE_CASES, REFERENCE_GEOMETRY
 from homodyne_steps.physics.registry import LAMINAR_FLOW, REGISTRY, STATIC
-from homodyne_steps.settings import get_choice, get_number
+from homodyne_steps.settings import get_choice, get_int, get_number
 
 GAPS = ("uniform", "triangular")
 SHEAR_FORMS = ("physical", "homodyne")
@@ -236,11 +236,9 @@ def _as_simulation_error(fn, *args, **kwargs):
 
 def _integer(m: Mapping[str, Any], key: str, default: int, where: str, minimum: int) -> int:
     value = m.get(key, default)
-    if not isinstance(value, int | np.integer) or isinstance(value, bool):
-        raise SimulationError(f"{where}.{key}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise SimulationError(f"{where}.{key}: must be an integer >= {minimum}, got {value}")
-    return int(value)
+    if isinstance(value, np.integer):
+        value = value.item()
+    return _as_simulation_error(get_int, {key: value}, key, default, where, minimum=minimum)
 
 
 def _number(m: Mapping[str, Any], key: str, default: float, where: str, **bounds) -> float:

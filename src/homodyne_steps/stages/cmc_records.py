@@ -12,7 +12,6 @@ never holds NaN, an undefined number (R-hat of one chain, say) is ``null``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -33,8 +32,8 @@ from homodyne_steps.io.cmc_files import (
     CombinationReport,
 )
 from homodyne_steps.io.nlsq_files import NlsqParameters
-from homodyne_steps.io.record import Record, RecordError, or_none
-from homodyne_steps.io.serialise import finite_or_none, to_jsonable
+from homodyne_steps.io.record import Record, or_none
+from homodyne_steps.io.serialise import finite_or_none
 from homodyne_steps.io.shard_io import Shard
 from homodyne_steps.physics.cmc_space import COMBINATION
 from homodyne_steps.physics.registry import REGISTRY
@@ -76,17 +75,6 @@ class CombinedRun:
     @property
     def names(self) -> tuple[str, ...]:
         return self.first.names
-
-
-def _record(cls: type[R], mapping: Mapping[str, Any]) -> R:
-    """The record of ``mapping`` as it is written (numpy to JSON types, non-finite numbers
-    to null); RecordError when a value is of the wrong kind or the record would not write
-    the mapping back unchanged (a key it does not declare)."""
-    clean = to_jsonable(mapping, null_non_finite=True)
-    rec = cls.from_json(clean)
-    if json.dumps(rec.to_json()) != json.dumps(clean):
-        raise RecordError(f"{cls.WHAT}: {cls.__name__} does not hold every key of the file")
-    return rec
 
 
 def _stat_mean(shards: Sequence[Shard], key: str) -> float | None:
@@ -194,7 +182,7 @@ def parameters_record(run: CombinedRun) -> CmcParameters:
         "sampling_summary": sampling_summary(run),
         "noise_scale": or_none(first.meta.noise_scale),
     }
-    return _record(CmcParameters, mapping)
+    return CmcParameters.of_mapping(mapping, null_non_finite=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,7 +245,7 @@ def analysis_record(run: CombinedRun) -> CmcAnalysis:
         "nlsq_comparison": run.diagnosis.comparison,
         "settings": s.to_mapping(),
     }
-    return _record(CmcAnalysis, mapping)
+    return CmcAnalysis.of_mapping(mapping, null_non_finite=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,7 +336,7 @@ def diagnostics_record(run: CombinedRun) -> CmcDiagnostics:
             "shard_summary": [_shard_entry(run, sh) for sh in run.shards],
         },
     }
-    return _record(CmcDiagnostics, mapping)
+    return CmcDiagnostics.of_mapping(mapping, null_non_finite=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,7 +417,7 @@ def combination_report(run: CombinedRun) -> CombinationReport:
         "combined_mean": dict(zip(names, d.summary["mean"].tolist(), strict=True)),
         "heterogeneity": _heterogeneity_entry(run),
     }
-    return _record(CombinationReport, mapping)
+    return CombinationReport.of_mapping(mapping, null_non_finite=True)
 
 
 # ---------------------------------------------------------------------------------------

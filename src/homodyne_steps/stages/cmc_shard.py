@@ -50,8 +50,8 @@ from homodyne_steps.inference.noise import noise_scale_record
 from homodyne_steps.inference.shard_mode import ShardMode, shard_mode
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.nlsq_files import NlsqParameters
-from homodyne_steps.io.record import RecordError, or_none
-from homodyne_steps.io.serialise import finite_or_none, read_npz, to_jsonable
+from homodyne_steps.io.record import or_none
+from homodyne_steps.io.serialise import finite_or_none, read_npz
 from homodyne_steps.io.shard_io import ShardPosterior, ShardSummary, write_shard_posterior
 from homodyne_steps.physics.cmc_space import (
     COMBINATION,
@@ -188,11 +188,11 @@ def _check_same_fit(nlsq_params: NlsqParameters, mode: str, model: ModelSettings
     model choice existed used the seed's homodyne/trapezoid form)."""
     if nlsq_params.analysis_mode != mode:
         raise DataError(f"the NLSQ result is for {nlsq_params.analysis_mode!r} mode, not {mode!r}")
-    nlsq_model = or_none(nlsq_params.model) or {"shear": "homodyne", "integral": "trapezoid"}
-    if nlsq_model != model.to_mapping():
+    nlsq_model = ModelSettings.of_record(or_none(nlsq_params.model))
+    if nlsq_model != model:
         raise DataError(
-            f"the NLSQ result was fitted with model {nlsq_model}, the shards are asked for "
-            f"{model.to_mapping()}: rerun the NLSQ stage with the same model"
+            f"the NLSQ result was fitted with model {nlsq_model.to_mapping()}, the shards are "
+            f"asked for {model.to_mapping()}: rerun the NLSQ stage with the same model"
         )
 
 
@@ -520,20 +520,10 @@ def cmc_shard_stage(
     record["timings"]["prepare_s"] = t_prep - t_start
     record["timings"]["compile_and_warmup_s"] = record["timings"].pop("warmup_s")
     record["timings"]["total_s"] = time.perf_counter() - t_start
-    summary = _summary(record, out_json)
+    summary = ShardSummary.of_mapping(record, out_json)
     write_shard_posterior(idata, out_nc)
     summary.write(out_json)
     return record
-
-
-def _summary(record: Mapping[str, Any], path: str | os.PathLike[str]) -> ShardSummary:
-    """The shard's record as its typed summary; refuses a key the summary does not hold
-    (the combination would never see it)."""
-    clean = to_jsonable(record)
-    summary = ShardSummary.from_json(clean, path)
-    if summary.to_json() != clean:
-        raise RecordError(f"{path}: ShardSummary does not hold every key of the shard record")
-    return summary
 
 
 def _read_inputs(qc_npz, plan_npz, nlsq_parameters, nlsq_fitted):

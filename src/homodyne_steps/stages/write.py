@@ -34,6 +34,7 @@ from homodyne_steps.io.data_files import LoadedReport, QcReport
 from homodyne_steps.io.nlsq_files import AngleScaling, DatasetInfo, NlsqAnalysis, NlsqParameters
 from homodyne_steps.io.record import Record, or_none
 from homodyne_steps.io.serialise import SerialisationError, atomic_path, write_json
+from homodyne_steps.physics.model_settings import ModelSettings
 from homodyne_steps.physics.registry import REGISTRY, canonical_mode
 
 SCHEMA_VERSION = 1
@@ -304,8 +305,7 @@ def summary_row(results_dir: str | os.PathLike[str], dataset: str) -> dict[str, 
     return {
         "dataset": dataset,
         "analysis_mode": mode,
-        # the kernel the fits used (records from before the choice: the seed's form)
-        "model": or_none(records.nlsq.model) or {"shear": "homodyne", "integral": "trapezoid"},
+        "model": ModelSettings.of_record(or_none(records.nlsq.model)).to_mapping(),
         "parameter_names": list(names),
         "data": _data_section(records.loaded, records.nlsq_analysis.dataset_info),
         "qc": qc,
