@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from homodyne_steps.data.preprocess_settings import PreprocessSettings
 from homodyne_steps.inference.nlsq_fit import fit
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
@@ -110,6 +112,31 @@ def main() -> None:
                 f"| {row['seed']} | {label} | {status} | {chi2:.3f} | " + " | ".join(cells) + " |"
             )
     print(f"seconds per realisation (simulate + 2 fits): {[round(r['seconds'], 1) for r in rows]}")
+    print_ensemble(rows)
+
+
+def print_ensemble(rows: list[dict]) -> None:
+    """Mean over realisations against the truth, in units of the mean's standard error
+    from the spread across realisations (independent of the fits' own σ)."""
+    n = len(rows)
+    if n < 2:
+        return
+    print(f"\nmean over {n} realisations ± its standard error (spread / √n)", end="")
+    print("; z = (mean − truth) / SE")
+    print("| model | " + " | ".join(f"{p} (truth)" for p in SHOWN) + " |")
+    print("|" + "---|" * (1 + len(SHOWN)))
+    for label in MODELS:
+        cells = []
+        for p in SHOWN:
+            x = np.array([r["fits"][label][0][p] for r in rows])
+            se = x.std(ddof=1) / math.sqrt(n)
+            t = rows[0]["truth"][p]
+            if np.all(x == x[0]) or se <= 1e-9 * abs(t):
+                cells.append(f"fixed ({t:.4g})")
+                continue
+            z = (x.mean() - t) / se
+            cells.append(f"{x.mean():.4g} ± {se:.2g} ({t:.4g}; z {z:+.1f})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

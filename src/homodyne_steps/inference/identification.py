@@ -8,7 +8,8 @@ weight (> 1e-6) in those directions, no information at all, or a zero / non-fini
 number. The covariance of the identified parameters is the pseudo-inverse over the
 identified directions (it does not depend on which generalised inverse is used, because
 those parameters lie in the row space of JᵀJ). How the solver turns this into a verdict
-is in :mod:`homodyne_steps.inference.lm`.
+is in :mod:`homodyne_steps.inference.lm`. :func:`weakly_identified` flags parameters
+the data determine in principle but only to within a large part of their bounds.
 
 :func:`combine_information` sums the information of independent estimates (generalised
 least squares); :func:`scaled_pinv` is the Marquardt-scaled pseudo-inverse the solver's
@@ -88,6 +89,26 @@ def identify(a: np.ndarray, factor: float = 1.0, scale: np.ndarray | None = None
         bad |= zero_sd
         why = "; ".join(filter(None, [why, f"σ is zero or not finite (χ²_red = {factor:.3g})"]))
     return Identification(inverse, information, bad, int(keep.sum()), why)
+
+
+WEAK_FRACTION = 0.25  # σ wider than this fraction of the bound range: weakly identified
+
+
+def weakly_identified(
+    values: np.ndarray, sd: np.ndarray, lower: np.ndarray, upper: np.ndarray, log_scale: np.ndarray
+) -> np.ndarray:
+    """Mask of the parameters the data fix only weakly: σ (in log for log-scale ones,
+    σ/value) wider than a quarter of the bound range, so that the ±2σ interval spans at
+    least the whole range the parameter may take; what the fit reports is then mostly
+    the start, the bounds or the prior rather than the data. Parameters without a finite
+    σ (fixed, not identified) are not flagged here: they are reported as such."""
+    values, sd = np.asarray(values, np.float64), np.asarray(sd, np.float64)
+    lower, upper = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+    log_scale = np.asarray(log_scale, bool)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        width = np.where(log_scale, np.log(upper / lower), upper - lower)
+        sd_u = np.where(log_scale, sd / np.abs(values), sd)
+        return np.isfinite(sd_u) & (sd_u > WEAK_FRACTION * width)
 
 
 def combine_information(

@@ -25,6 +25,9 @@ errors grow with it instead of staying optimistic). Parameters the data do not d
 (:func:`homodyne_steps.inference.identification.identify`) get NaN covariance rows. A fit that
 stopped on a convergence test with such parameters is ``not_identified``; one whose free
 parameters never left the start values and that does not identify them is ``failed``.
+Physical parameters the data fix only to within a large part of their bounds are listed
+in ``weakly_identified`` (:func:`~homodyne_steps.inference.identification.weakly_identified`);
+the status stays as the solver found it and the records and the summary carry the flag.
 
 The damped step and the acceptance test are shared with the CMC shard's mode search
 (:func:`homodyne_steps.inference.shard_mode.shard_mode`).
@@ -39,7 +42,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from homodyne_steps._jax import jnp
-from homodyne_steps.inference.identification import identify, scaled_pinv
+from homodyne_steps.inference.identification import identify, scaled_pinv, weakly_identified
 from homodyne_steps.inference.likelihood import (
     FitData,
     Stats,
@@ -79,6 +82,7 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)
     gradient: np.ndarray | None = None
     not_identified: tuple[str, ...] = ()  # free parameters the data cannot fix
+    weakly_identified: tuple[str, ...] = ()  # fixed by the data only to within the bounds
     information: np.ndarray | None = None  # JᵀJ over x, identified directions only
 
     @property
@@ -397,8 +401,16 @@ def _finish(prob: Problem, cur: _Iterate, p: int, x_start, stop, history, clock)
         timings={"first_pass_s": t_first, "total_s": total},
         gradient=cur.g,
         not_identified=not_identified,
+        weakly_identified=_weak(prob, x, cov_x, p),
         information=_information(prob, a, jtj_full, free, p),
     )
+
+
+def _weak(prob: Problem, x: np.ndarray, cov_x: np.ndarray, p: int) -> tuple[str, ...]:
+    """Names of the physical parameters :func:`weakly_identified` flags."""
+    sd = np.sqrt(np.abs(np.diag(cov_x)))[:p]
+    weak = weakly_identified(x[:p], sd, prob.lower[:p], prob.upper[:p], prob.log_scale[:p])
+    return tuple(np.asarray(prob.names[:p])[weak].tolist())
 
 
 def information_at(prob: Problem, theta: np.ndarray):

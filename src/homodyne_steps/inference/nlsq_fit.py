@@ -10,7 +10,11 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from homodyne_steps.errors import ConfigError, DataError
-from homodyne_steps.inference.identification import combine_information, identify
+from homodyne_steps.inference.identification import (
+    combine_information,
+    identify,
+    weakly_identified,
+)
 from homodyne_steps.inference.likelihood import (
     angle_blocks,
     chi_squared_per_angle,
@@ -298,8 +302,10 @@ def _angle_record(phi: float, r: FitResult, names, used: bool) -> dict[str, Any]
         "phi_deg": phi,
         "status": r.status,
         "reason": r.reason,
-        "success": used,
+        "combined": used,
+        "success": used and not r.weakly_identified,
         "not_identified": list(r.not_identified),
+        "weakly_identified": list(r.weakly_identified),
         "chi_squared": finite_or_none(r.chi_squared),
         "reduced_chi_squared": finite_or_none(r.reduced_chi_squared),
         "n_points": r.n_points,
@@ -390,12 +396,15 @@ def _consistency(results: list[FitResult], chi2_at_theta: np.ndarray, rank: int)
     }
 
 
-def _sequential_verdict(n_used, n_full, n_phi, s: NlsqSettings, comb: _Combined, consistency):
+def _sequential_verdict(counts, n_phi, s: NlsqSettings, comb: _Combined, consistency):
+    """``counts``: angles (combined, that succeeded, that identified everything alone)."""
+    n_used, n_success, n_full = counts
     reasons = [
-        f"{n_used} of {n_phi} angles reached a stationary point and were combined "
-        f"({n_full} identified every parameter alone; min_success_rate {s.min_success_rate})"
+        f"{n_used} of {n_phi} angles reached a stationary point and were combined, "
+        f"{n_success} of them determining their parameters ({n_full} identified every "
+        f"parameter alone; min_success_rate {s.min_success_rate})"
     ]
-    failed = n_used == 0 or n_used / n_phi < s.min_success_rate
+    failed = n_used == 0 or n_success / n_phi < s.min_success_rate
     if n_used and not consistency["consistent"]:
         failed = True
         reasons.append(
@@ -443,8 +452,10 @@ def fit_sequential(
     offset are recomputed for every angle at the combined θ, and a χ² excess beyond its
     expected distribution fails the fit. It does on the laminar-flow reference case (the
     angles' optima lie far apart along the curved γ̇–phi0 valleys): use ``joint`` there.
-    An angle counts as a success for ``min_success_rate`` when its information is used
-    (it reached a stationary point, identified or not); one that did not converge is not.
+    An angle's information is used when it reached a stationary point (identified or
+    not); it counts as a success for ``min_success_rate`` when, in addition, none of its
+    parameters is only weakly identified (a pure-noise angle "converges" to values the
+    data do not fix). One that did not converge is neither.
     """
     prep = _prepare(data, mode, L, s, registry, model or ModelSettings())
     phi = np.asarray(data.phi_angles_list, dtype=np.float64)
@@ -456,7 +467,9 @@ def fit_sequential(
     results, comb, at = _combine_angles(prep, fits, used, registry)
     consistency = _consistency(results, at.chi2[used], comb.rank)
     n_full = sum(r.converged for r, _ in fits)
-    status, reason = _sequential_verdict(int(used.sum()), n_full, phi.size, s, comb, consistency)
+    success = np.array([a["success"] for a in per_angle], dtype=bool)
+    counts = (int(used.sum()), int(success.sum()), n_full)
+    status, reason = _sequential_verdict(counts, phi.size, s, comb, consistency)
     combined = _sequential_result(prep, fits, comb, at, (status, reason), registry)
     out = NlsqOutcome(
         mode=prep.mode,
@@ -472,7 +485,7 @@ def fit_sequential(
         per_angle_fits=per_angle,
         model=prep.model,
     )
-    out.diagnostics["success_rate"] = float(used.mean())
+    out.diagnostics["success_rate"] = float(success.mean())
     out.diagnostics["identified_alone"] = n_full
     out.diagnostics["consistency"] = consistency
     return out
@@ -500,6 +513,8 @@ def _sequential_result(
     theta, n_phi = comb.theta, len(fits)
     status, reason = verdict
     lo, hi = registry.bounds(prep.names)
+    sd = np.sqrt(np.abs(np.diag(at.covariance)))
+    weak = weakly_identified(theta, sd, lo, hi, [registry[n].log_scale for n in prep.names])
     return FitResult(
         physical=theta,
         psi=np.zeros(0),
@@ -520,6 +535,7 @@ def _sequential_result(
         jacobian_passes=int(sum(r.jacobian_passes for r, _ in fits)),
         timings={"total_s": float(sum(r.timings["total_s"] for r, _ in fits))},
         not_identified=comb.missing,
+        weakly_identified=tuple(np.asarray(prep.names)[weak].tolist()),
     )
 
 

@@ -28,6 +28,9 @@ class NlsqEstimate(Record):
     at_bound: bool
     fixed: bool
     identified: bool
+    #: σ wider than a quarter of the bound range (in log for D0, γ̇0): the data fix it
+    #: only weakly (:func:`homodyne_steps.inference.identification.weakly_identified`)
+    weakly_identified: bool = ABSENT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +58,7 @@ class NlsqConvergence(Record):
     iterations: int
     converged: bool
     not_identified: list[str]
+    weakly_identified: list[str] = ABSENT
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,8 +18,8 @@ Two shear forms (``shear=``), the same diffusion factor in both:
 ``homodyne`` is the seed's and the reference package's form. Two integrals
 (``integral=``): ``exact`` evaluates the power laws' antiderivatives; ``trapezoid`` is
 the cumulative trapezoid on the grid, as the reference package does.
-``shear="homodyne", integral="trapezoid"`` reproduces the seed equations exactly and is
-the default (:mod:`homodyne_steps.physics.model_settings` says why).
+``shear="physical", integral="exact"`` is the default; ``shear="homodyne",
+integral="trapezoid"`` reproduces the seed equations exactly.
 Static mode has g1_shear = 1. sinc(x) = sin(x)/x, with its Taylor series for |x| < 1e-4.
 
 Structure: :func:`g1_from_integrals` is the only place the equations live. It evaluates
@@ -404,8 +404,8 @@ def compute_c2(
         contrast, offset: scalar or (n_phi,); registry defaults when omitted.
         dt: time step in s (inferred from ``t`` when omitted; checked against it).
         check_bounds: reject parameters outside the registry bounds.
-        shear: ``"physical"`` or ``"homodyne"`` (the seed's sinc⁴ form; the default).
-        integral: ``"exact"`` or ``"trapezoid"`` (the seed's; the default).
+        shear: ``"physical"`` (the default) or ``"homodyne"`` (the seed's sinc⁴ form).
+        integral: ``"exact"`` (the default) or ``"trapezoid"`` (the seed's).
 
     Returns:
         (n_phi, n_t, n_t) symmetric float64 array.

@@ -14,17 +14,16 @@ from homodyne_steps.settings import check_keys, get_choice
 
 SHEAR_FORMS = ("physical", "homodyne")  # uniform gradient across the gap | the seed's sinc⁴
 INTEGRALS = ("exact", "trapezoid")  # the power laws' antiderivatives | the seed's trapezoid
-# The seed's form stays the default until the physical one has been validated on every
-# workflow test and benchmark (it changes every laminar result); then both flip together.
-DEFAULT_SHEAR = "homodyne"
-DEFAULT_INTEGRAL = "trapezoid"
+# First principles by default (docs/model.md); homodyne + trapezoid reproduces the seeds.
+DEFAULT_SHEAR = "physical"
+DEFAULT_INTEGRAL = "exact"
 
 
 @dataclass(frozen=True)
 class ModelSettings:
     """``shear``: physical or homodyne (the seed's and the reference package's form);
-    ``integral``: exact or trapezoid. ``homodyne`` + ``trapezoid`` (today's default)
-    reproduces the seed equations exactly."""
+    ``integral``: exact or trapezoid. ``physical`` + ``exact`` is the default;
+    ``homodyne`` + ``trapezoid`` reproduces the seed equations exactly."""
 
     shear: str = DEFAULT_SHEAR
     integral: str = DEFAULT_INTEGRAL

@@ -58,12 +58,14 @@ def scaling_flags(
 
 def quality_flag(out: NlsqOutcome, registry: Registry = REGISTRY) -> str:
     """poor unless converged; good only with χ²_red in [0.8, 1.25], no parameter at a
-    bound and every angle's contrast and offset in range; warning otherwise."""
+    bound or weakly identified and every angle's contrast and offset in range; warning
+    otherwise."""
     r = out.result
     if not r.converged:
         return "poor"
     in_range = not any(scaling_flags(r.contrast, r.offset, registry))
-    if in_range and 0.8 <= r.reduced_chi_squared <= 1.25 and not np.any(r.at_lower | r.at_upper):
+    sound = not np.any(r.at_lower | r.at_upper) and not r.weakly_identified
+    if in_range and 0.8 <= r.reduced_chi_squared <= 1.25 and sound:
         return "good"
     return "warning"
 
@@ -86,6 +88,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqPa
                 at_bound=bool(r.at_lower[k] or r.at_upper[k]),
                 fixed=bool(not r.free[k]),
                 identified=name not in r.not_identified,
+                weakly_identified=name in r.weakly_identified,
             )
             for k, name in enumerate(out.names)
         },
@@ -115,6 +118,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqPa
             iterations=r.iterations,
             converged=r.converged,
             not_identified=list(r.not_identified),
+            weakly_identified=list(r.weakly_identified),
         ),
     )
 

@@ -174,6 +174,9 @@ def _nlsq_section(
     flags: list[str] = []
     if not conv.converged:
         flags.append("nlsq_not_converged")
+    weak = [n for n in names if params[n].weakly_identified is True]
+    if weak:
+        flags.append("nlsq_weakly_identified:" + ",".join(weak))
     at_bound = [n for n in names if params[n].at_bound]
     if at_bound:
         flags.append("nlsq_at_bound:" + ",".join(at_bound))
