@@ -25,17 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from homodyne_steps.data.preprocess_settings import PreprocessSettings
 from homodyne_steps.inference.nlsq_fit import fit
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
-from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.physics.model_settings import ModelSettings
-from homodyne_steps.physics.speckle import SpeckleSettings
-from homodyne_steps.stages.filter import FilterSettings, filter_stage
-from homodyne_steps.stages.load import load_stage
-from homodyne_steps.stages.preprocess import preprocess_stage
-from homodyne_steps.stages.simulate import write_simulation
-from homodyne_steps.stages.simulate_speckle import speckle_bins
+from speckle_data import speckle_dataset
 
 MODELS = {
     "physical": ModelSettings(shear="physical", integral="exact"),
@@ -49,23 +42,7 @@ def one_realisation(
 ) -> tuple[dict, dict, float]:
     """(truth params, {model: (values, sigmas, chi2_red, status)}, seconds)."""
     start = time.perf_counter()
-    settings = SpeckleSettings.from_mapping({"n_frames": n_frames, "seed": seed})
-    bins, truth = speckle_bins(settings)
-    hdf, _ = write_simulation(bins, truth, work / f"s{seed}.hdf", truth_path=work / f"t{seed}.json")
-    load_stage(hdf, truth["q_rings"][0], work / "loaded.npz", work / "loaded.json")
-    filter_stage(
-        work / "loaded.npz",
-        work / "filtered.npz",
-        work / "filter.json",
-        FilterSettings.from_mapping({}),
-    )
-    preprocess_stage(
-        work / "filtered.npz",
-        work / "pre.npz",
-        work / "prov.json",
-        PreprocessSettings.from_mapping({}),
-    )
-    data = XpcsData.from_npz(work / "pre.npz")
+    data, truth = speckle_dataset({"n_frames": n_frames, "seed": seed}, work)
     nlsq = NlsqSettings()
     if free:
         nlsq = NlsqSettings.from_mapping(
