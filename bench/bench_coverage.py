@@ -2,20 +2,24 @@
 
 Each realisation is a speckle-level file (``homodyne-steps simulate --method speckle``:
 moving particles, speckle, Poisson counts, the beamline correlator, written as APS-U)
-taken through the real load → filter → preprocess stages and fitted by NLSQ once per
-uncertainty method (``nlsq.uncertainty.method``). For every physical parameter the
-table gives the fraction of converged runs whose ±1σ and ±1.96σ intervals hold the
-truth (the target is 0.55–0.80 and 0.88–1.0), and the spread of z = (fit − truth)/σ
-(1.4826·MAD, robust to a few runs far along a valley; 1 when calibrated).
+taken through the real load → filter → preprocess stages and fitted by NLSQ. For every
+physical parameter the table gives the fraction of converged runs whose ±1σ and ±1.96σ
+intervals hold the truth (the target is 0.55–0.80 and 0.88–1.0), the spread of
+z = (fit − truth)/σ (1.4826·MAD, robust to a few runs far along a valley; 1 when
+calibrated), and the ratio of the estimates' standard deviation across runs to the mean
+reported σ (1 when calibrated; it needs no truth, only many realisations).
 
 Sets (``--sets``): ``static`` (3 φ × 200 frames, the reference static case) and
 ``laminar`` (6 φ × 120 frames, the reference laminar case) at the simulator's realistic
 defaults (180 pixels per cell, 10 photons per pixel and frame, 4 modes), and each
 ``_noisy`` (3 photons, 90 pixels) and ``_clean`` (30 photons, 720 pixels).
 ``--start truth`` (default) isolates the uncertainty question; ``--start defaults``
-starts from the registry defaults as a user would (issue 14, part 2).
+starts from the registry defaults as a user would (issue 14, part 2). ``--free D0``
+holds the other physical parameters at the truth: σ of a parameter the data fix well,
+without the D0/alpha/D_offset valley.
 
-Run:  python bench/bench_coverage.py [--sets static,laminar] [--runs 30] [--out F.json]
+Run:  python bench/bench_coverage.py [--sets static,laminar] [--runs 30] [--free NAMES]
+      [--start truth|defaults] [--out F.json]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ SETS: dict[str, dict] = {
 }  # fmt: skip
 NOISE = {"noisy": {"photons_per_pixel": 3.0, "pixels_per_cell": 90},
          "clean": {"photons_per_pixel": 30.0, "pixels_per_cell": 720}}  # fmt: skip
-METHODS = ("independent", "frame_blocks")
+METHODS = ("independent",)  # nlsq's covariance (JᵀJ)⁻¹·χ²_red
 
 
 def set_settings(name: str) -> tuple[str, dict]:
@@ -53,16 +57,18 @@ def set_settings(name: str) -> tuple[str, dict]:
     return mode, {**SETS[base], **NOISE.get(noise, {})}
 
 
-def one_run(name: str, seed: int, start: str, work: Path) -> dict:
+def one_run(name: str, seed: int, start: str, free: list[str] | None, work: Path) -> dict:
     mode, speckle = set_settings(name)
     t0 = time.perf_counter()
     data, truth = speckle_dataset({**speckle, "seed": seed}, work)
     t_sim = time.perf_counter() - t0
     row: dict = {"seed": seed, "truth": truth["params"], "simulate_s": t_sim, "fits": {}}
     for method in METHODS:
-        m: dict = {"uncertainty": {"method": method}}
-        if start == "truth":
+        m: dict = {}
+        if start == "truth" or free:
             m["initial_parameters"] = truth["params"]
+        if free:
+            m["fixed_parameters"] = [n for n in truth["params"] if n not in free]
         t1 = time.perf_counter()
         out = fit(data, mode, truth["L"], NlsqSettings.from_mapping(m))
         row["fits"][method] = {
@@ -77,7 +83,8 @@ def one_run(name: str, seed: int, start: str, work: Path) -> dict:
 
 
 def summarise(rows: list[dict], method: str) -> dict:
-    names = list(rows[0]["fits"][method]["value"])
+    first = rows[0]["fits"][method]
+    names = [n for n in first["value"] if np.isfinite(first["sd"][n])]
     used = [r for r in rows if r["fits"][method]["status"] == "converged"]
     out = {"n_runs": len(rows), "n_converged": len(used), "parameters": {}}
     for n in names:
@@ -85,11 +92,14 @@ def summarise(rows: list[dict], method: str) -> dict:
                       for r in used])  # fmt: skip
         z = z[np.isfinite(z)]
         med = np.median(z) if z.size else np.nan
+        est = np.array([r["fits"][method]["value"][n] for r in used])
+        sd = np.array([r["fits"][method]["sd"][n] for r in used])
         out["parameters"][n] = {
             "n": int(z.size),
             "cover_68": float(np.mean(np.abs(z) < 1)) if z.size else None,
             "cover_95": float(np.mean(np.abs(z) < 1.96)) if z.size else None,
             "z_spread": float(1.4826 * np.median(np.abs(z - med))) if z.size else None,
+            "spread_over_sigma": float(est.std(ddof=1) / np.nanmean(sd)) if est.size > 2 else None,
         }
     return out
 
@@ -99,27 +109,30 @@ def main() -> None:
     ap.add_argument("--sets", default="static,laminar")
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--start", choices=("truth", "defaults"), default="truth")
+    ap.add_argument("--free", help="comma-separated free parameters (the rest at the truth)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    report: dict = {"start": args.start, "sets": {}}
+    free = args.free.split(",") if args.free else None
+    report: dict = {"start": args.start, "free": free, "sets": {}}
     t_all = time.perf_counter()
     for name in args.sets.split(","):
         t_set = time.perf_counter()
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             for seed in range(1, args.runs + 1):
-                rows.append(one_run(name, seed, args.start, Path(tmp)))
+                rows.append(one_run(name, seed, args.start, free, Path(tmp)))
         wall = time.perf_counter() - t_set
         report["sets"][name] = {"wall_s": wall, "runs": rows,
                                 "summary": {m: summarise(rows, m) for m in METHODS}}  # fmt: skip
         print(f"\n## {name}: {args.runs} realisations, start {args.start}, {wall:.0f} s")
-        print("| method | converged | parameter | ±1σ covers | ±1.96σ covers | z spread |")
-        print("|---|---|---|---|---|---|")
+        head = "| method | converged | parameter | ±1σ covers | ±1.96σ covers | z spread | sd/σ |"
+        print(head)
+        print("|---|---|---|---|---|---|---|")
         for m in METHODS:
             s = report["sets"][name]["summary"][m]
             for n, p in s["parameters"].items():
-                cells = [f"{p[k]:.2f}" if p[k] is not None else "–"
-                         for k in ("cover_68", "cover_95", "z_spread")]  # fmt: skip
+                keys = ("cover_68", "cover_95", "z_spread", "spread_over_sigma")
+                cells = [f"{p[k]:.2f}" if p[k] is not None else "–" for k in keys]
                 runs = f"{s['n_converged']}/{s['n_runs']}"
                 print(f"| {m} | {runs} | {n} | " + " | ".join(cells) + " |")
     print(f"\ntotal wall {time.perf_counter() - t_all:.0f} s")

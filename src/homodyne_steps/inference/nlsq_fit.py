@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from homodyne_steps.errors import ConfigError, DataError
-from homodyne_steps.inference.frame_blocks import frame_block_covariance
 from homodyne_steps.inference.identification import (
     combine_information,
     identify,
@@ -58,8 +57,6 @@ class NlsqOutcome:
     per_angle_fits: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     model: ModelSettings = field(default_factory=ModelSettings)
-    #: how the covariance was computed (``nlsq.uncertainty``)
-    uncertainty: dict[str, Any] = field(default_factory=lambda: {"method": "independent"})
 
 
 @dataclass
@@ -208,29 +205,8 @@ def _distinct(results: list[FitResult]) -> list[int]:
     return kept
 
 
-def _robust(prob: Problem, result: FitResult, s: NlsqSettings, registry) -> tuple[FitResult, dict]:
-    """``result`` with the covariance ``nlsq.uncertainty`` asks for, and how it was made."""
-    if s.uncertainty.method != "frame_blocks" or not np.isfinite(result.chi_squared):
-        return result, {"method": "independent"}
-    fb = frame_block_covariance(prob, result, s.uncertainty.block_frames)
-    p = result.physical.size
-    names = list(prob.names[:p])
-    lo, hi = registry.bounds(names)
-    sd = np.sqrt(np.abs(np.diag(fb.covariance_x)))[:p]
-    weak = weakly_identified(result.physical, sd, lo, hi, [registry[n].log_scale for n in names])
-    robust = replace(
-        result,
-        covariance=fb.covariance,
-        covariance_x=fb.covariance_x,
-        weakly_identified=tuple(np.asarray(names)[weak].tolist()),
-    )
-    return robust, {"method": "frame_blocks", "block_frames": fb.block_frames,
-                    "n_blocks": fb.n_blocks}  # fmt: skip
-
-
-def _outcome(prep, prob, result, phi, s, diag, strategy, registry, extra=None) -> NlsqOutcome:
+def _outcome(prep, prob, result, phi, s, diag, strategy, extra=None) -> NlsqOutcome:
     p = len(prep.names)
-    result, uncertainty = _robust(prob, result, s, registry)
     unc = np.sqrt(np.abs(np.diag(result.covariance_x)))[:p]
     st = prob.stats(result.physical, with_jacobian=False)
     out = NlsqOutcome(
@@ -245,7 +221,6 @@ def _outcome(prep, prob, result, phi, s, diag, strategy, registry, extra=None) -
         chi2_per_angle=chi_squared_per_angle(st, result.contrast, result.offset),
         diagnostics=diag,
         model=prep.model,
-        uncertainty=uncertainty,
     )
     for k, v in (extra or {}).items():
         setattr(out, k, v)
@@ -290,7 +265,7 @@ def fit_joint(
             "chosen": "lowest chi_squared",
         }
         result = best
-    return _outcome(prep, prob, result, phi, s, diag, "joint", registry, extra)
+    return _outcome(prep, prob, result, phi, s, diag, "joint", extra)
 
 
 def _fit_angle(data: XpcsData, prep: _Prepared, k: int, L: float, s: NlsqSettings, registry):
@@ -496,10 +471,6 @@ def fit_sequential(
     counts = (int(used.sum()), int(success.sum()), n_full)
     status, reason = _sequential_verdict(counts, phi.size, s, comb, consistency)
     combined = _sequential_result(prep, fits, comb, at, (status, reason), registry)
-    uncertainty = {"method": "independent"}
-    if s.uncertainty.method == "frame_blocks":
-        whole, _, _ = _problem(prep, phi, replace(s, per_angle_scaling="varpro"), registry)
-        combined, uncertainty = _robust(whole, combined, s, registry)
     out = NlsqOutcome(
         mode=prep.mode,
         names=prep.names,
@@ -508,11 +479,10 @@ def fit_sequential(
         sigma_lag=prep.sigma_lag,
         strategy="sequential",
         scaling_mode="varpro",
-        uncertainties=np.sqrt(np.abs(np.diag(combined.covariance_x))),
+        uncertainties=np.sqrt(np.abs(np.diag(at.covariance))),
         chi2_per_angle=at.chi2,
         diagnostics={"n_chunks": None, "note": "one problem per angle"},
         per_angle_fits=per_angle,
-        uncertainty=uncertainty,
         model=prep.model,
     )
     out.diagnostics["success_rate"] = float(success.mean())

@@ -33,34 +33,6 @@ class MultistartSettings:
     seed: int = 0
 
 
-UNCERTAINTY_METHODS = ("independent", "frame_blocks")
-
-
-@dataclass(frozen=True)
-class UncertaintySettings:
-    """How the fit's covariance is computed (``nlsq.uncertainty``).
-
-    ``independent``: (JᵀJ)⁻¹·χ²_red, every point's noise independent; ``frame_blocks``:
-    the dyadic frame-block sandwich of :mod:`homodyne_steps.inference.frame_blocks`,
-    with ``block_frames`` frames per block (None: about 25 blocks).
-    """
-
-    method: str = "independent"
-    block_frames: int | None = None
-
-    @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | None, where: str) -> UncertaintySettings:
-        m = dict(m or {})
-        check_keys(m, {"method", "block_frames"}, where)
-        frames = m.get("block_frames", "auto")
-        return cls(
-            method=get_choice(m, "method", "independent", UNCERTAINTY_METHODS, where),
-            block_frames=None
-            if frames in (None, "auto")
-            else get_int(m, "block_frames", 1, where, minimum=1),
-        )
-
-
 @dataclass(frozen=True)
 class NlsqSettings:
     per_angle_scaling: str = DEFAULT_MODE
@@ -71,7 +43,6 @@ class NlsqSettings:
     chunking: ChunkingSettings = field(default_factory=ChunkingSettings)
     solver: SolverSettings = field(default_factory=SolverSettings)
     multistart: MultistartSettings = field(default_factory=MultistartSettings)
-    uncertainty: UncertaintySettings = field(default_factory=UncertaintySettings)
     min_success_rate: float = 0.5
     on_failure: str = "error"
 
@@ -89,7 +60,6 @@ class NlsqSettings:
                 "chunking",
                 "solver",
                 "multistart",
-                "uncertainty",
                 "min_success_rate",
                 "on_failure",
             },
@@ -140,9 +110,6 @@ class NlsqSettings:
                 enabled=enabled,
                 n_starts=get_int(ms, "n_starts", 8, f"{where}.multistart", minimum=1),
                 seed=get_int(ms, "seed", 0, f"{where}.multistart", minimum=0),
-            ),
-            uncertainty=UncertaintySettings.from_mapping(
-                m.get("uncertainty"), f"{where}.uncertainty"
             ),
             min_success_rate=get_number(
                 m, "min_success_rate", 0.5, where, minimum=0.0, maximum=1.0

@@ -138,8 +138,6 @@ class NlsqAnalysis(Record):
     covariance: NamedMatrix
     correlation: NamedMatrix
     noise: dict[str, Any]
-    #: ``nlsq.uncertainty`` as used: method (and block_frames, n_blocks for frame_blocks)
-    uncertainty: dict[str, Any] = ABSENT
     stratification: Any
     multistart: Any
     sequential: Any
