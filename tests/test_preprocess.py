@@ -430,3 +430,20 @@ def test_stage_removes_npz_when_json_write_fails(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         preprocess_stage(src, tmp_path / "o.npz", tmp_path / "p.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
+
+
+def test_the_correlator_diagonal_is_kept_on_the_fitted_scale(tmp_path):
+    """preprocess replaces the diagonal of c2_exp but keeps the correlator's own (its
+    shot-noise excess is the speckle noise model's level) as c2_diagonal, normalised like
+    c2_exp; it survives the npz round trip and angle selection."""
+    c = np.stack([1.07 * model_c2(n=60, tau=5.0), 0.93 * model_c2(n=60, tau=5.0)])
+    out, _ = preprocess(make_data(c), {"normalization": {"enabled": True}})
+    np.testing.assert_allclose(out.c2_diagonal, [np.diagonal(model_c2(n=60, tau=5.0))] * 2,
+                               rtol=2e-3)  # fmt: skip
+    assert np.all(np.diagonal(out.c2_exp, 0, 1, 2) < out.c2_diagonal - 0.4)  # corrected
+    back = XpcsData.from_npz(out.to_npz(tmp_path / "p.npz"))
+    np.testing.assert_array_equal(back.c2_diagonal, out.c2_diagonal)
+    one = back.select_angles([1])
+    assert one.c2_diagonal.shape == (1, 60) and one.phi_angles_list.tolist() == [90.0]
+    np.testing.assert_array_equal(one.c2_diagonal[0], out.c2_diagonal[1])
+    assert make_data(c).c2_diagonal is None  # files before preprocess carry none

@@ -166,10 +166,4 @@ def drop_masked_angles(
         )
     if not dropped:
         return data, [], kept
-    idx = np.array(kept, dtype=np.int64)
-    out = data.replace(
-        wavevector_q_list=np.asarray(data.wavevector_q_list)[idx],
-        phi_angles_list=np.asarray(data.phi_angles_list)[idx],
-        c2_exp=np.asarray(data.c2_exp)[idx],
-    )
-    return out, dropped, kept
+    return data.select_angles(np.array(kept, dtype=np.int64)), dropped, kept

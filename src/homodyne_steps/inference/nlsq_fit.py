@@ -30,6 +30,7 @@ from homodyne_steps.inference.lm import (
 )
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
 from homodyne_steps.inference.noise import noise_sigma
+from homodyne_steps.inference.speckle_noise import with_speckle_covariance
 from homodyne_steps.inference.stratify import diagnose_counts
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.serialise import finite_or_none
@@ -57,6 +58,8 @@ class NlsqOutcome:
     per_angle_fits: list[dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     model: ModelSettings = field(default_factory=ModelSettings)
+    #: how the covariance was computed (``nlsq.uncertainty``)
+    uncertainty: dict[str, Any] = field(default_factory=lambda: {"method": "independent"})
 
 
 @dataclass
@@ -72,6 +75,7 @@ class _Prepared:
     offset0: np.ndarray
     fixed: np.ndarray
     model: ModelSettings
+    diagonal: np.ndarray | None = None  # (P,) mean of the correlator's diagonal
 
 
 def _prepare(
@@ -105,8 +109,24 @@ def _prepare(
     contrast0, offset0 = quantile_estimates(c2, registry)
     grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt, **model.to_mapping())
     fixed = np.array([n in s.fixed_parameters for n in names])
+    diagonal = None
+    if data.c2_diagonal is not None:
+        with np.errstate(invalid="ignore"):
+            diagonal = np.array([np.nanmean(row) if np.isfinite(row).any() else np.nan
+                                 for row in np.asarray(data.c2_diagonal)])  # fmt: skip
     return _Prepared(
-        mode, names, grid, c2, sigma_lag, n_points, theta0, contrast0, offset0, fixed, model
+        mode,
+        names,
+        grid,
+        c2,
+        sigma_lag,
+        n_points,
+        theta0,
+        contrast0,
+        offset0,
+        fixed,
+        model,
+        diagonal,
     )
 
 
@@ -205,8 +225,16 @@ def _distinct(results: list[FitResult]) -> list[int]:
     return kept
 
 
-def _outcome(prep, prob, result, phi, s, diag, strategy, extra=None) -> NlsqOutcome:
+def _robust(prob: Problem, result: FitResult, s: NlsqSettings, registry, diagonal):
+    """``result`` with the covariance ``nlsq.uncertainty`` asks for, and how it was made."""
+    if s.uncertainty.method != "speckle" or not np.isfinite(result.chi_squared):
+        return result, {"method": "independent"}
+    return with_speckle_covariance(prob, result, registry, diagonal)
+
+
+def _outcome(prep, prob, result, phi, s, diag, strategy, registry, extra=None) -> NlsqOutcome:
     p = len(prep.names)
+    result, uncertainty = _robust(prob, result, s, registry, prep.diagonal)
     unc = np.sqrt(np.abs(np.diag(result.covariance_x)))[:p]
     st = prob.stats(result.physical, with_jacobian=False)
     out = NlsqOutcome(
@@ -221,6 +249,7 @@ def _outcome(prep, prob, result, phi, s, diag, strategy, extra=None) -> NlsqOutc
         chi2_per_angle=chi_squared_per_angle(st, result.contrast, result.offset),
         diagnostics=diag,
         model=prep.model,
+        uncertainty=uncertainty,
     )
     for k, v in (extra or {}).items():
         setattr(out, k, v)
@@ -265,7 +294,7 @@ def fit_joint(
             "chosen": "lowest chi_squared",
         }
         result = best
-    return _outcome(prep, prob, result, phi, s, diag, "joint", extra)
+    return _outcome(prep, prob, result, phi, s, diag, "joint", registry, extra)
 
 
 def _fit_angle(data: XpcsData, prep: _Prepared, k: int, L: float, s: NlsqSettings, registry):
@@ -471,6 +500,10 @@ def fit_sequential(
     counts = (int(used.sum()), int(success.sum()), n_full)
     status, reason = _sequential_verdict(counts, phi.size, s, comb, consistency)
     combined = _sequential_result(prep, fits, comb, at, (status, reason), registry)
+    uncertainty = {"method": "independent"}
+    if s.uncertainty.method == "speckle":
+        whole, _, _ = _problem(prep, phi, replace(s, per_angle_scaling="varpro"), registry)
+        combined, uncertainty = _robust(whole, combined, s, registry, prep.diagonal)
     out = NlsqOutcome(
         mode=prep.mode,
         names=prep.names,
@@ -479,10 +512,11 @@ def fit_sequential(
         sigma_lag=prep.sigma_lag,
         strategy="sequential",
         scaling_mode="varpro",
-        uncertainties=np.sqrt(np.abs(np.diag(at.covariance))),
+        uncertainties=np.sqrt(np.abs(np.diag(combined.covariance_x))),
         chi2_per_angle=at.chi2,
         diagnostics={"n_chunks": None, "note": "one problem per angle"},
         per_angle_fits=per_angle,
+        uncertainty=uncertainty,
         model=prep.model,
     )
     out.diagnostics["success_rate"] = float(success.mean())

@@ -33,6 +33,27 @@ class MultistartSettings:
     seed: int = 0
 
 
+UNCERTAINTY_METHODS = ("independent", "speckle")
+
+
+@dataclass(frozen=True)
+class UncertaintySettings:
+    """How the fit's covariance is computed (``nlsq.uncertainty``).
+
+    ``independent``: (JᵀJ)⁻¹·χ²_red, every point's noise independent; ``speckle``: the
+    sandwich with the speckle noise model of :mod:`homodyne_steps.inference.speckle_noise`
+    (noise shared through frames).
+    """
+
+    method: str = "independent"
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any] | None, where: str) -> UncertaintySettings:
+        m = dict(m or {})
+        check_keys(m, {"method"}, where)
+        return cls(method=get_choice(m, "method", "independent", UNCERTAINTY_METHODS, where))
+
+
 @dataclass(frozen=True)
 class NlsqSettings:
     per_angle_scaling: str = DEFAULT_MODE
@@ -43,6 +64,7 @@ class NlsqSettings:
     chunking: ChunkingSettings = field(default_factory=ChunkingSettings)
     solver: SolverSettings = field(default_factory=SolverSettings)
     multistart: MultistartSettings = field(default_factory=MultistartSettings)
+    uncertainty: UncertaintySettings = field(default_factory=UncertaintySettings)
     min_success_rate: float = 0.5
     on_failure: str = "error"
 
@@ -60,6 +82,7 @@ class NlsqSettings:
                 "chunking",
                 "solver",
                 "multistart",
+                "uncertainty",
                 "min_success_rate",
                 "on_failure",
             },
@@ -110,6 +133,9 @@ class NlsqSettings:
                 enabled=enabled,
                 n_starts=get_int(ms, "n_starts", 8, f"{where}.multistart", minimum=1),
                 seed=get_int(ms, "seed", 0, f"{where}.multistart", minimum=0),
+            ),
+            uncertainty=UncertaintySettings.from_mapping(
+                m.get("uncertainty"), f"{where}.uncertainty"
             ),
             min_success_rate=get_number(
                 m, "min_success_rate", 0.5, where, minimum=0.0, maximum=1.0

@@ -28,6 +28,9 @@ class XpcsData:
         t1, t2: (n_t,) times in s (identical 1-D grids, uniform step ``dt``).
         c2_exp: (n_phi, n_t, n_t) symmetric two-time correlation matrices.
         dt: time step in s.
+        c2_diagonal: (n_phi, n_t) the correlator's own diagonal before ``preprocess``
+            replaced it (1 + contrast + the shot-noise excess, on c2_exp's scale), or
+            None; the speckle noise model reads its level.
     """
 
     wavevector_q_list: np.ndarray
@@ -36,6 +39,7 @@ class XpcsData:
     t2: np.ndarray
     c2_exp: np.ndarray
     dt: float
+    c2_diagonal: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_phi = np.shape(self.phi_angles_list)[0] if np.ndim(self.phi_angles_list) == 1 else -1
@@ -51,6 +55,10 @@ class XpcsData:
         if np.shape(self.c2_exp) != (n_phi, n_t, n_t):
             problems.append(
                 f"c2_exp has shape {np.shape(self.c2_exp)}, expected {(n_phi, n_t, n_t)}"
+            )
+        if self.c2_diagonal is not None and np.shape(self.c2_diagonal) != (n_phi, n_t):
+            problems.append(
+                f"c2_diagonal has shape {np.shape(self.c2_diagonal)}, expected {(n_phi, n_t)}"
             )
         if not (np.isfinite(self.dt) and self.dt > 0):
             problems.append(f"dt must be > 0, got {self.dt}")
@@ -73,6 +81,17 @@ class XpcsData:
     def replace(self, **changes) -> XpcsData:
         return replace(self, **changes)
 
+    def select_angles(self, index) -> XpcsData:
+        """The angle bins ``index`` (indices or mask), every per-angle array alike."""
+        idx = np.arange(self.n_phi)[index]
+        return replace(
+            self,
+            wavevector_q_list=np.asarray(self.wavevector_q_list)[idx],
+            phi_angles_list=np.asarray(self.phi_angles_list)[idx],
+            c2_exp=np.asarray(self.c2_exp)[idx],
+            c2_diagonal=None if self.c2_diagonal is None else np.asarray(self.c2_diagonal)[idx],
+        )
+
     def to_npz(self, path: str | os.PathLike[str], **extra: np.ndarray) -> Path:
         """Write the arrays (plus ``extra`` arrays) atomically; no pickled objects."""
         return write_npz(
@@ -83,6 +102,7 @@ class XpcsData:
             t2=self.t2,
             c2_exp=self.c2_exp,
             dt=np.float64(self.dt),
+            **({} if self.c2_diagonal is None else {"c2_diagonal": self.c2_diagonal}),
             **extra,
         )
 
@@ -99,4 +119,5 @@ class XpcsData:
             t2=arrays["t2"],
             c2_exp=arrays["c2_exp"],
             dt=float(arrays["dt"]),
+            c2_diagonal=arrays.get("c2_diagonal"),
         )

@@ -138,6 +138,8 @@ class NlsqAnalysis(Record):
     covariance: NamedMatrix
     correlation: NamedMatrix
     noise: dict[str, Any]
+    #: ``nlsq.uncertainty`` as used: method (and, for speckle, each angle's noise levels)
+    uncertainty: dict[str, Any] = ABSENT
     stratification: Any
     multistart: Any
     sequential: Any

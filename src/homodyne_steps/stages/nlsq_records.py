@@ -70,6 +70,16 @@ def quality_flag(out: NlsqOutcome, registry: Registry = REGISTRY) -> str:
     return "warning"
 
 
+def uncertainty_convention(used: dict[str, Any]) -> str:
+    """How the record's σ were computed (``nlsq.uncertainty``)."""
+    if used.get("method") == "speckle":
+        return (
+            "sqrt(diag(H⁻¹ M H⁻¹)) at the optimum: the sandwich with the speckle noise model "
+            "(noise shared through frames; levels fitted to the residuals), σ from data"
+        )
+    return "sqrt(diag((JᵀJ)⁻¹ · χ²_red)) at the optimum, σ from data"
+
+
 def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqParameters:
     r = out.result
     p = len(out.names)
@@ -110,7 +120,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqPa
         chi_squared=r.chi_squared,
         reduced_chi_squared=r.reduced_chi_squared,
         degrees_of_freedom=r.dof,
-        uncertainty_convention="sqrt(diag((JᵀJ)⁻¹ · χ²_red)) at the optimum, σ from data",
+        uncertainty_convention=uncertainty_convention(out.uncertainty),
         noise_scale=noise_scale_record(r.reduced_chi_squared),
         convergence=NlsqConvergence(
             status=r.status,
@@ -191,6 +201,7 @@ def analysis_record(
             "method": "per-lag robust scatter along the age direction",
             **summary(out.sigma_lag),
         },
+        "uncertainty": out.uncertainty,
         "stratification": out.diagnostics,
         "multistart": out.multistart,
         "sequential": out.per_angle_fits,

@@ -171,6 +171,7 @@ def run_preprocess(
     steps.run("format", "float64_c_contiguous", True, {"dtype": "float64", "order": "C"},
               _to_f64)  # fmt: skip
     _mask(steps)
+    before = steps.c
     dc = s.diagonal_correction
     steps.run(
         "diagonal_correction",
@@ -187,10 +188,25 @@ def run_preprocess(
         t2=_to_f64(data.t2),
         c2_exp=_to_f64(steps.c),
         dt=float(data.dt),
+        c2_diagonal=_diagonal_on_final_scale(before, steps.c),
     )
     smoothed = _smooth_beside(steps, s)
     _validate(steps, out)
     return PreprocessResult(out, steps.records, smoothed)
+
+
+def _diagonal_on_final_scale(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """The diagonal of ``before`` (masked, uncorrected) on ``after``'s scale: the steps
+    after masking change off-diagonal elements only by a per-angle factor (the
+    normalisation), read off the first off-diagonal."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.diagonal(after, 1, 1, 2) / np.diagonal(before, 1, 1, 2)
+    factor = np.ones(before.shape[0])
+    for a, row in enumerate(ratio):
+        finite = row[np.isfinite(row)]
+        if finite.size:
+            factor[a] = np.median(finite)
+    return _to_f64(np.diagonal(before, 0, 1, 2) * factor[:, None])
 
 
 def _mask(steps: _Steps) -> None:
