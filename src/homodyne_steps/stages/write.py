@@ -193,6 +193,8 @@ def _nlsq_section(
         "reduced_chi_squared": nlsq.reduced_chi_squared,
         "chi_squared": nlsq.chi_squared,
         "degrees_of_freedom": nlsq.degrees_of_freedom,
+        # records from before the choice: the independent-noise covariance
+        "uncertainty_method": (or_none(analysis.uncertainty) or {}).get("method", "independent"),
         "parameters": values,
     }
     return section, flags
@@ -347,6 +349,12 @@ def columns(parameter_names: Sequence[str]) -> list[dict[str, str]]:
         col("qc_status", "", "excellent | pass | warn | fail"),
         col("nlsq_status", "", "NLSQ convergence status"),
         col("nlsq_reduced_chi2", "", "χ²/dof of the NLSQ fit (≈ 1 for a good fit)"),
+        col(
+            "nlsq_uncertainty",
+            "",
+            "how the NLSQ σ were made: independent (noise independent between elements; far "
+            "too small on speckle data) or speckle (noise shared through frames)",
+        ),
         col("cmc_status", "", "CMC convergence status (empty: not run)"),
         col("cmc_max_r_hat", "", "largest R-hat over all sampled parameters"),
         col("cmc_min_ess_bulk", "", "smallest bulk ESS over all sampled parameters"),
@@ -392,6 +400,7 @@ def flat_row(row: Mapping[str, Any], parameter_names: Sequence[str]) -> dict[str
         "qc_status": qc["status"],
         "nlsq_status": nl["status"],
         "nlsq_reduced_chi2": nl["reduced_chi_squared"],
+        "nlsq_uncertainty": nl["uncertainty_method"],
         "cmc_status": cm.get("status"),
         "cmc_max_r_hat": cm.get("max_r_hat"),
         "cmc_min_ess_bulk": cm.get("min_ess_bulk"),
