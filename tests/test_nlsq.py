@@ -439,6 +439,10 @@ def test_max_iterations_status(static_case):
     assert not r.converged
     assert r.iterations == 2
     assert "2 iterations" in r.reason
+    # ... and says why: χ² was still falling, and which parameters moved most
+    drop = r.history[0] - r.history[-1]
+    assert f"χ² still fell by {drop:.3g}" in r.reason, r.reason
+    assert r.reason.count("σ") >= 3 and "alpha" in r.reason
     assert parameters_record(out).convergence.converged is False
 
 

@@ -36,6 +36,7 @@ The damped step and the acceptance test are shared with the CMC shard's mode sea
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -315,7 +316,9 @@ def _search(prob: Problem, cur: _Iterate, a_u, g_u, free, lam: float, nu: float,
 def levenberg_marquardt(
     prob: Problem, theta0: np.ndarray, psi0: np.ndarray, settings: SolverSettings | None = None
 ) -> FitResult:
-    """Minimise χ² from (θ0, ψ0) within bounds; never raises on non-convergence."""
+    """Minimise χ² from (θ0, ψ0) within bounds; never raises on non-convergence. A run
+    that reaches the iteration limit while sliding along a valley says so
+    (:func:`drift_report`)."""
     settings = settings or SolverSettings()
     t_start = time.perf_counter()
     p = theta0.size
@@ -326,6 +329,7 @@ def levenberg_marquardt(
     t_first = time.perf_counter() - t_start
     cur = _evaluate(prob, x, p, st)
     history = [cur.chi2]
+    recent = deque([cur.x], maxlen=DRIFT_WINDOW + 1)  # iterates behind the drift report
     lam, nu = settings.initial_damping, 2.0
     status, reason = "max_iterations", f"no convergence in {settings.max_iterations} iterations"
     iterations = 0
@@ -352,6 +356,7 @@ def levenberg_marquardt(
         chi2_prev = cur.chi2
         cur = _evaluate(prob, x_new, p)
         history.append(cur.chi2)
+        recent.append(cur.x)
         if decrease_small(chi2_prev, cur.chi2, settings.ftol):
             status, reason = "converged", "ftol: relative χ² decrease below tolerance"
             break
@@ -359,7 +364,32 @@ def levenberg_marquardt(
             status, reason = "converged", "xtol: scaled step below tolerance"
             break
     stop = (status, reason, iterations)
-    return _finish(prob, cur, p, x_start, stop, history, (t_start, t_first))
+    result = _finish(prob, cur, p, x_start, stop, history, (t_start, t_first))
+    if status == "max_iterations" and len(recent) > 1:
+        result.reason += drift_report(result, recent[0], history[-len(recent)], prob.names[:p])
+    return result
+
+
+DRIFT_WINDOW = 20  # iterations over which a run that did not converge reports its drift
+
+
+def drift_report(result: FitResult, x_earlier: np.ndarray, chi2_earlier: float, names) -> str:
+    """Why a run did not converge: how much χ² still fell over the last iterations and
+    which physical parameters moved most, in units of their σ. Creeping along a flat,
+    curved valley (the data fix a combination such as D(t) or γ̇(t), not its parts)
+    shows as a slow χ² decrease with parameters moving together."""
+    p = len(names)
+    sd = np.sqrt(np.abs(np.diag(result.covariance_x)))[:p]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        moved = (result.physical - x_earlier[:p]) / sd
+    order = [k for k in np.argsort(-np.abs(np.nan_to_num(moved))) if np.isfinite(moved[k])]
+    steps = ", ".join(f"{names[k]} {moved[k]:+.2g}σ" for k in order[:3])
+    return (
+        f"; over its last iterations χ² still fell by {chi2_earlier - result.chi_squared:.3g} "
+        f"(moving most: {steps or 'parameters without σ'}), a slow descent along a valley "
+        "the data barely determine: more solver.max_iterations, fixed parameters or other "
+        "initial_parameters may finish it"
+    )
 
 
 def _finish(prob: Problem, cur: _Iterate, p: int, x_start, stop, history, clock) -> FitResult:
