@@ -14,13 +14,17 @@ Sets (``--sets``): ``static`` (3 φ × 200 frames, the reference static case) an
 ``laminar`` (6 φ × 120 frames, the reference laminar case) at the simulator's realistic
 defaults (180 pixels per cell, 10 photons per pixel and frame, 4 modes), and each
 ``_noisy`` (3 photons, 90 pixels) and ``_clean`` (30 photons, 720 pixels).
-``--start truth`` (default) isolates the uncertainty question; ``--start defaults``
+``--cmc`` also runs the CMC stages (plan, shards as processes, combine; default settings)
+on each realisation after an NLSQ stage with the default (independent) noise, and
+reports the coverage of the posterior mean ± 1 and 1.96 posterior sd (slow: about a
+minute per static realisation on 2 cores). ``--start truth`` (default) isolates the
+uncertainty question; ``--start defaults``
 starts from the registry defaults as a user would (issue 14, part 2). ``--free D0``
 holds the other physical parameters at the truth: σ of a parameter the data fix well,
 without the D0/alpha/D_offset valley.
 
 Run:  python bench/bench_coverage.py [--sets static,laminar] [--runs 30] [--free NAMES]
-      [--start truth|defaults] [--out F.json]
+      [--start truth|defaults] [--cmc] [--out F.json]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 from homodyne_steps.inference.nlsq_fit import fit
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
 from homodyne_steps.physics.reference import REFERENCE_CASES
+from homodyne_steps.stages.nlsq_stage import nlsq_stage
 from speckle_data import speckle_dataset
 
 STATIC = REFERENCE_CASES["static"]
@@ -58,7 +63,28 @@ def set_settings(name: str) -> tuple[str, dict]:
     return mode, {**SETS[base], **NOISE.get(noise, {})}
 
 
-def one_run(name: str, seed: int, start: str, free: list[str] | None, work: Path) -> dict:
+def cmc_run(data, truth: dict, mode: str, start: str, work: Path) -> dict:
+    """The CMC stages on one realisation, after the NLSQ stage they start from."""
+    from bench_cmc import cmc
+
+    data.to_npz(work / "qc.npz")
+    m = {"initial_parameters": truth["params"]} if start == "truth" else {}
+    nlsq_stage(work / "qc.npz", work / "nlsq", mode=mode, L=truth["L"],
+               settings=NlsqSettings.from_mapping({**m, "on_failure": "warn"}))  # fmt: skip
+    t0 = time.perf_counter()
+    _, params, _ = cmc(work, "cmc", {}, {}, mode=mode, L=truth["L"])
+    stats = params["parameters"]
+    return {
+        "status": params["convergence"]["status"],
+        "value": {n: float(stats[n]["mean"]) for n in truth["params"]},
+        "sd": {n: float(stats[n]["std"]) for n in truth["params"]},
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def one_run(
+    name: str, seed: int, start: str, free: list[str] | None, work: Path, with_cmc: bool = False
+) -> dict:
     mode, speckle = set_settings(name)
     t0 = time.perf_counter()
     data, truth = speckle_dataset({**speckle, "seed": seed}, work)
@@ -80,6 +106,9 @@ def one_run(name: str, seed: int, start: str, free: list[str] | None, work: Path
             "weakly_identified": list(out.result.weakly_identified),
             "seconds": time.perf_counter() - t1,
         }
+    if with_cmc:
+        (work / "nlsq").mkdir(exist_ok=True)
+        row["fits"]["cmc"] = cmc_run(data, truth, mode, start, work)
     return row
 
 
@@ -111,6 +140,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--start", choices=("truth", "defaults"), default="truth")
     ap.add_argument("--free", help="comma-separated free parameters (the rest at the truth)")
+    ap.add_argument("--cmc", action="store_true", help="also run CMC (slow)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     free = args.free.split(",") if args.free else None
@@ -121,15 +151,16 @@ def main() -> None:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             for seed in range(1, args.runs + 1):
-                rows.append(one_run(name, seed, args.start, free, Path(tmp)))
+                rows.append(one_run(name, seed, args.start, free, Path(tmp), args.cmc))
         wall = time.perf_counter() - t_set
+        methods = [*METHODS, *(["cmc"] if args.cmc else [])]
         report["sets"][name] = {"wall_s": wall, "runs": rows,
-                                "summary": {m: summarise(rows, m) for m in METHODS}}  # fmt: skip
+                                "summary": {m: summarise(rows, m) for m in methods}}  # fmt: skip
         print(f"\n## {name}: {args.runs} realisations, start {args.start}, {wall:.0f} s")
         head = "| method | converged | parameter | ±1σ covers | ±1.96σ covers | z spread | sd/σ |"
         print(head)
         print("|---|---|---|---|---|---|---|")
-        for m in METHODS:
+        for m in methods:
             s = report["sets"][name]["summary"][m]
             for n, p in s["parameters"].items():
                 keys = ("cover_68", "cover_95", "z_spread", "spread_over_sigma")
