@@ -72,7 +72,12 @@ def cmc_run(data, truth: dict, mode: str, start: str, work: Path) -> dict:
     nlsq_stage(work / "qc.npz", work / "nlsq", mode=mode, L=truth["L"],
                settings=NlsqSettings.from_mapping({**m, "on_failure": "warn"}))  # fmt: skip
     t0 = time.perf_counter()
-    _, params, _ = cmc(work, "cmc", {}, {}, mode=mode, L=truth["L"])
+    try:
+        _, params, _ = cmc(work, "cmc", {}, {}, mode=mode, L=truth["L"])
+    except SystemExit as exc:  # a stage that refused: recorded, the next run goes on
+        nan = {n: float("nan") for n in truth["params"]}
+        return {"status": "failed", "reason": str(exc)[-300:], "value": nan, "sd": nan,
+                "seconds": time.perf_counter() - t0}  # fmt: skip
     stats = params["parameters"]
     return {
         "status": params["convergence"]["status"],
@@ -113,9 +118,9 @@ def one_run(
 
 
 def summarise(rows: list[dict], method: str) -> dict:
-    first = rows[0]["fits"][method]
-    names = [n for n in first["value"] if np.isfinite(first["sd"][n])]
     used = [r for r in rows if r["fits"][method]["status"] == "converged"]
+    first = (used or rows)[0]["fits"][method]
+    names = [n for n in first["value"] if np.isfinite(first["sd"][n])]
     out = {"n_runs": len(rows), "n_converged": len(used), "parameters": {}}
     for n in names:
         z = np.array([(r["fits"][method]["value"][n] - r["truth"][n]) / r["fits"][method]["sd"][n]
