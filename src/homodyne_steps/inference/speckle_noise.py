@@ -58,7 +58,7 @@ from homodyne_steps.inference.identification import identify, weakly_identified
 from homodyne_steps.inference.likelihood import full_system
 from homodyne_steps.inference.lm import FitResult, Problem
 from homodyne_steps.io.serialise import finite_or_none
-from homodyne_steps.physics.model import g1_sq_and_jacobian
+from homodyne_steps.physics.model import g1_sq, g1_sq_and_jacobian
 from homodyne_steps.physics.registry import Registry
 
 
@@ -128,45 +128,54 @@ class SpeckleCovariance:
 
 
 @dataclass
-class _AngleTerms:
-    """One angle's weighted derivatives u (K, n, n), Γ (n, n), and per lag k the noise
-    variance σ_k², the design x_k of :func:`difference_design` and the elements n − k."""
+class _AngleNoise:
+    """One angle's Γ (n, n) and, per lag k, the noise variance σ_k², the design x_k of
+    :func:`difference_design` and the elements n − k; w² of each upper-triangle element
+    (0 where unused)."""
 
-    u: np.ndarray
     gamma: np.ndarray
     sigma_sq: np.ndarray
     design: np.ndarray
     counts: np.ndarray
-    w_sq: np.ndarray  # (pairs,) 1/σ² of each upper-triangle element, 0 where unused
+    w_sq: np.ndarray
 
 
-def _angle_terms(prob: Problem, result: FitResult, a: int) -> _AngleTerms:
-    """Angle a's terms over (θ, contrast_a, offset_a) at the fit's optimum."""
+def _pairs(prob: Problem, a: int):
+    """Angle a's upper-triangle index pairs and their weights w (0 where unused)."""
     c2 = np.asarray(prob.data.c2[a])
-    n = c2.shape[0]
-    iu, ju = np.triu_indices(n, 1)
-    angle = jnp.full(iu.size, a)
-    g, h = g1_sq_and_jacobian(jnp.asarray(result.physical), prob.grid, jnp.asarray(iu),
-                              jnp.asarray(ju), angle)  # fmt: skip
-    g, h = np.asarray(g), np.asarray(h)
-    c = result.contrast[a]
-    d = c2[iu, ju]
+    iu, ju = np.triu_indices(c2.shape[0], 1)
     w = np.asarray(prob.data.weight_lag[a])[ju - iu]
-    ok = np.isfinite(d) & (w > 0)
-    w = np.where(ok, w, 0.0)
-    gamma_pairs = c * g
-    p = h.shape[1]
-    derivs = np.concatenate([c * h, g[:, None], np.ones((iu.size, 1))], axis=1)
-    u = np.zeros((p + 2, n, n))
-    u[:, iu, ju] = (derivs * (w * w)[:, None]).T
+    return iu, ju, np.where(np.isfinite(c2[iu, ju]) & (w > 0), w, 0.0)
+
+
+def _angle_noise(prob: Problem, result: FitResult, a: int) -> _AngleNoise:
+    """Angle a's noise terms at the fit's optimum (no Jacobian: light)."""
+    iu, ju, w = _pairs(prob, a)
+    n = int(prob.data.c2.shape[1])
+    g = np.asarray(g1_sq(jnp.asarray(result.physical), prob.grid, jnp.asarray(iu),
+                         jnp.asarray(ju), jnp.full(iu.size, a)))  # fmt: skip
     gamma = np.zeros((n, n))
-    gamma[iu, ju] = gamma_pairs
+    gamma[iu, ju] = result.contrast[a] * g
     gamma = gamma + gamma.T
     weight_lag = np.asarray(prob.data.weight_lag[a])
     with np.errstate(divide="ignore"):
         sigma_sq = np.where(weight_lag > 0, 1.0 / weight_lag**2, np.nan)
     counts = (n - np.arange(n)).astype(np.float64)
-    return _AngleTerms(u, gamma, sigma_sq, difference_design(gamma), counts, w * w)
+    return _AngleNoise(gamma, sigma_sq, difference_design(gamma), counts, w * w)
+
+
+def _angle_scores(prob: Problem, result: FitResult, a: int) -> np.ndarray:
+    """u (p + 2, n, n): angle a's w²·∂c2/∂(θ, contrast_a, offset_a) on the upper
+    triangle. Built one angle at a time (K·n_t² floats each), never all at once."""
+    iu, ju, w = _pairs(prob, a)
+    n = int(prob.data.c2.shape[1])
+    g, h = g1_sq_and_jacobian(jnp.asarray(result.physical), prob.grid, jnp.asarray(iu),
+                              jnp.asarray(ju), jnp.full(iu.size, a))  # fmt: skip
+    g, h = np.asarray(g), np.asarray(h)
+    derivs = np.concatenate([result.contrast[a] * h, g[:, None], np.ones((iu.size, 1))], axis=1)
+    u = np.zeros((derivs.shape[1], n, n))
+    u[:, iu, ju] = (derivs * (w * w)[:, None]).T
+    return u
 
 
 def speckle_covariance(prob: Problem, result: FitResult, diagonal: np.ndarray) -> SpeckleCovariance:
@@ -177,7 +186,7 @@ def speckle_covariance(prob: Problem, result: FitResult, diagonal: np.ndarray) -
     n_phi = result.contrast.size
     st = prob.stats(result.physical, with_jacobian=True)
     normal, _ = full_system(st, result.contrast, result.offset)
-    terms = [_angle_terms(prob, result, a) for a in range(n_phi)]
+    terms = [_angle_noise(prob, result, a) for a in range(n_phi)]
     # One scale B for the ring (its sectors share pixel size and photon rate); each
     # angle's d from its own diagonal.
     d = np.asarray(diagonal, dtype=np.float64) - result.offset
@@ -191,7 +200,7 @@ def speckle_covariance(prob: Problem, result: FitResult, diagonal: np.ndarray) -
     meat = np.zeros_like(normal)
     for a, t in enumerate(terms):
         idx = np.r_[np.arange(p), p + a, p + n_phi + a]
-        meat[np.ix_(idx, idx)] += speckle_meat(t.u, t.gamma, levels[a])
+        meat[np.ix_(idx, idx)] += speckle_meat(_angle_scores(prob, result, a), t.gamma, levels[a])
     free = ~np.asarray(prob.fixed[:p], bool)
     matrix = prob.scaling.matrix
     n_free = int(free.sum())

@@ -247,14 +247,20 @@ def simulate_file(
 
     ``truth_path`` defaults to ``truth.json`` beside ``out``.
     """
+    out, truth_path = _output_paths(out, fmt, truth_path)  # checked before simulating
+    bins, truth = simulate_bins(settings)
+    return write_simulation(bins, truth, out, fmt=fmt, truth_path=truth_path)
+
+
+def _output_paths(out, fmt: str, truth_path) -> tuple[Path, Path]:
+    """(data file, truth file) of a simulation: a known format, two distinct paths."""
     if fmt not in FORMATS:
         raise SimulationError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
     out = Path(out)
     truth_path = Path(truth_path) if truth_path is not None else out.parent / "truth.json"
     if truth_path.resolve() == out.resolve():
         raise SimulationError(f"truth file and data file are the same path: {out}")
-    bins, truth = simulate_bins(settings)
-    return write_simulation(bins, truth, out, fmt=fmt, truth_path=truth_path)
+    return out, truth_path
 
 
 def write_simulation(
@@ -267,12 +273,7 @@ def write_simulation(
 ) -> tuple[Path, Path]:
     """Write simulated ``bins`` as the APS file ``out`` and ``truth`` beside it (or at
     ``truth_path``); return both paths. Shared by the model and the speckle simulators."""
-    if fmt not in FORMATS:
-        raise SimulationError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
-    out = Path(out)
-    truth_path = Path(truth_path) if truth_path is not None else out.parent / "truth.json"
-    if truth_path.resolve() == out.resolve():
-        raise SimulationError(f"truth file and data file are the same path: {out}")
+    out, truth_path = _output_paths(out, fmt, truth_path)
     truth = {**truth, "format": fmt, "file": out.name}
     write_aps_file(out, bins, fmt)
     write_json(truth_path, truth)
