@@ -15,7 +15,8 @@ Sets (``--sets``): ``static`` (3 φ × 200 frames, the reference static case) an
 defaults (180 pixels per cell, 10 photons per pixel and frame, 4 modes), and each
 ``_noisy`` (3 photons, 90 pixels) and ``_clean`` (30 photons, 720 pixels).
 ``--cmc`` also runs the CMC stages (plan, shards as processes, combine; default settings)
-on each realisation after an NLSQ stage with the default (independent) noise, and
+on each realisation after an NLSQ stage with ``--cmc-after`` σ (default ``speckle``: the
+CMC likelihood then carries the NLSQ record's curvature adjustment), and
 reports the coverage of the posterior mean ± 1 and 1.96 posterior sd (slow: about a
 minute per static realisation on 2 cores). ``--start truth`` (default) isolates the
 uncertainty question; ``--start defaults``
@@ -63,12 +64,14 @@ def set_settings(name: str) -> tuple[str, dict]:
     return mode, {**SETS[base], **NOISE.get(noise, {})}
 
 
-def cmc_run(data, truth: dict, mode: str, start: str, work: Path) -> dict:
-    """The CMC stages on one realisation, after the NLSQ stage they start from."""
+def cmc_run(data, truth: dict, mode: str, start: str, work: Path, method: str) -> dict:
+    """The CMC stages on one realisation, after the NLSQ stage they start from (its σ by
+    ``method``: with ``speckle`` CMC's likelihood gets the curvature adjustment)."""
     from bench_cmc import cmc
 
     data.to_npz(work / "qc.npz")
-    m = {"initial_parameters": truth["params"]} if start == "truth" else {}
+    m: dict = {"initial_parameters": truth["params"]} if start == "truth" else {}
+    m["uncertainty"] = {"method": method}
     nlsq_stage(work / "qc.npz", work / "nlsq", mode=mode, L=truth["L"],
                settings=NlsqSettings.from_mapping({**m, "on_failure": "warn"}))  # fmt: skip
     t0 = time.perf_counter()
@@ -88,8 +91,9 @@ def cmc_run(data, truth: dict, mode: str, start: str, work: Path) -> dict:
 
 
 def one_run(
-    name: str, seed: int, start: str, free: list[str] | None, work: Path, with_cmc: bool = False
-) -> dict:
+    name: str, seed: int, start: str, free: list[str] | None, work: Path,
+    cmc_after: str | None = None,
+) -> dict:  # fmt: skip
     mode, speckle = set_settings(name)
     t0 = time.perf_counter()
     data, truth = speckle_dataset({**speckle, "seed": seed}, work)
@@ -111,9 +115,9 @@ def one_run(
             "weakly_identified": list(out.result.weakly_identified),
             "seconds": time.perf_counter() - t1,
         }
-    if with_cmc:
+    if cmc_after:
         (work / "nlsq").mkdir(exist_ok=True)
-        row["fits"]["cmc"] = cmc_run(data, truth, mode, start, work)
+        row["fits"]["cmc"] = cmc_run(data, truth, mode, start, work, cmc_after)
     return row
 
 
@@ -146,6 +150,8 @@ def main() -> None:
     ap.add_argument("--start", choices=("truth", "defaults"), default="truth")
     ap.add_argument("--free", help="comma-separated free parameters (the rest at the truth)")
     ap.add_argument("--cmc", action="store_true", help="also run CMC (slow)")
+    ap.add_argument("--cmc-after", choices=METHODS, default="speckle",
+                    help="the NLSQ uncertainty method CMC starts from")  # fmt: skip
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     free = args.free.split(",") if args.free else None
@@ -156,7 +162,8 @@ def main() -> None:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             for seed in range(1, args.runs + 1):
-                rows.append(one_run(name, seed, args.start, free, Path(tmp), args.cmc))
+                cmc_after = args.cmc_after if args.cmc else None
+                rows.append(one_run(name, seed, args.start, free, Path(tmp), cmc_after))
         wall = time.perf_counter() - t_set
         methods = [*METHODS, *(["cmc"] if args.cmc else [])]
         report["sets"][name] = {"wall_s": wall, "runs": rows,

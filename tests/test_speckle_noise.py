@@ -151,7 +151,38 @@ def test_speckle_method_refuses_data_with_independent_noise():
                     t2=t, c2_exp=c2, dt=g["dt"],
                     c2_diagonal=np.stack([np.diagonal(m) for m in c2]))  # fmt: skip
     s = {"initial_parameters": STATIC["params"]}
-    fit(data, "static", 1.0, NlsqSettings.from_mapping(s))  # the independent method: fine
+    plain = fit(data, "static", 1.0, NlsqSettings.from_mapping(s))  # auto: independent
+    assert plain.uncertainty["method"] == "independent"
+    assert "does not describe these data" in plain.uncertainty["fallback"]
     speckle = NlsqSettings.from_mapping({**s, "uncertainty": {"method": "speckle"}})
     with pytest.raises(DataError, match="does not describe these data"):
         fit(data, "static", 1.0, speckle)
+
+
+def test_auto_tells_frame_shared_noise_from_independent_noise(tmp_path):
+    """χ²_red alone cannot tell them apart where shot noise dominates the diagonal (the
+    model simulator's excess 0.5): the residuals' row sums can. Model data with
+    independent noise: observed ≈ the independent prediction, ~1/20 of the speckle
+    model's; speckle data (one realisation, 3 φ × 120 frames): 60–80 × the independent
+    prediction, and auto takes the speckle σ and records the test."""
+    from homodyne_steps.stages.simulate import reference_settings, simulate_bins
+
+    sim = reference_settings("static", n_q_rings=1, n_frames=61, seed=4, diagonal_excess=0.5)
+    bins, truth = simulate_bins(sim)
+    c2 = np.stack([bins.c2[(0, k)] for k in range(len(sim.phi_deg))])[:, 1:, 1:]
+    t = sim.dt * np.arange(1, sim.n_frames)
+    data = XpcsData(np.full(c2.shape[0], truth["q"]), np.asarray(sim.phi_deg, float), t, t,
+                    c2, sim.dt, c2_diagonal=np.stack([np.diagonal(m) for m in c2]))  # fmt: skip
+    start = {"initial_parameters": truth["params"]}
+    out = fit(data, "static", truth["L"], NlsqSettings.from_mapping(start))
+    assert out.uncertainty["method"] == "independent"
+    assert "do not share noise through frames" in out.uncertainty["fallback"]
+    settings = {"params": STATIC["params"], "phi_centres": list(STATIC["phi_deg"]),
+                "n_frames": 120, "seed": 2}  # fmt: skip
+    data, truth = speckle_dataset(settings, tmp_path)
+    start = {"initial_parameters": truth["params"]}
+    out = fit(data, "static", truth["L"], NlsqSettings.from_mapping(start))
+    assert out.uncertainty["method"] == "speckle", out.uncertainty
+    rows = out.uncertainty["row_sums"]
+    assert rows["observed_over_independent"] > 10 > 1 / rows["observed_over_speckle"]
+    assert out.uncertainty["curvature_adjustment"]["parameters"] == list(out.names)

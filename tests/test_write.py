@@ -107,7 +107,7 @@ def test_flags_name_what_needs_attention(results_tree, tmp_path):
     row = write_stage(results, ["sta"], tmp_path / "s.csv", tmp_path / "s.json")[0]
     assert "cmc_not_run" in row["flags"] and "nlsq_at_bound:D_offset" in row["flags"]
     assert "nlsq_weakly_identified:alpha" in row["flags"]
-    assert row["nlsq_uncertainty"] == "independent"
+    assert row["nlsq_uncertainty"] == "independent"  # auto, on model data: independent
     assert row["cmc_status"] is None and row["cmc_D0_mean"] is None
     assert read_csv(tmp_path / "s.csv")[0]["cmc_D0_mean"] == ""
 

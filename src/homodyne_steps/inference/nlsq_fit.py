@@ -30,7 +30,7 @@ from homodyne_steps.inference.lm import (
 )
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
 from homodyne_steps.inference.noise import noise_sigma
-from homodyne_steps.inference.speckle_noise import with_speckle_covariance
+from homodyne_steps.inference.speckle_noise import fit_uncertainty
 from homodyne_steps.inference.stratify import diagnose_counts
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.serialise import finite_or_none
@@ -225,16 +225,11 @@ def _distinct(results: list[FitResult]) -> list[int]:
     return kept
 
 
-def _robust(prob: Problem, result: FitResult, s: NlsqSettings, registry, diagonal):
-    """``result`` with the covariance ``nlsq.uncertainty`` asks for, and how it was made."""
-    if s.uncertainty.method != "speckle" or not np.isfinite(result.chi_squared):
-        return result, {"method": "independent"}
-    return with_speckle_covariance(prob, result, registry, diagonal)
-
-
 def _outcome(prep, prob, result, phi, s, diag, strategy, registry, extra=None) -> NlsqOutcome:
     p = len(prep.names)
-    result, uncertainty = _robust(prob, result, s, registry, prep.diagonal)
+    result, uncertainty = fit_uncertainty(
+        prob, result, s.uncertainty.method, registry, prep.diagonal
+    )
     unc = np.sqrt(np.abs(np.diag(result.covariance_x)))[:p]
     st = prob.stats(result.physical, with_jacobian=False)
     out = NlsqOutcome(
@@ -501,9 +496,11 @@ def fit_sequential(
     status, reason = _sequential_verdict(counts, phi.size, s, comb, consistency)
     combined = _sequential_result(prep, fits, comb, at, (status, reason), registry)
     uncertainty = {"method": "independent"}
-    if s.uncertainty.method == "speckle":
+    if s.uncertainty.method != "independent":
         whole, _, _ = _problem(prep, phi, replace(s, per_angle_scaling="varpro"), registry)
-        combined, uncertainty = _robust(whole, combined, s, registry, prep.diagonal)
+        combined, uncertainty = fit_uncertainty(
+            whole, combined, s.uncertainty.method, registry, prep.diagonal
+        )
     out = NlsqOutcome(
         mode=prep.mode,
         names=prep.names,

@@ -33,7 +33,7 @@ class MultistartSettings:
     seed: int = 0
 
 
-UNCERTAINTY_METHODS = ("independent", "speckle")
+UNCERTAINTY_METHODS = ("auto", "independent", "speckle")
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,18 @@ class UncertaintySettings:
 
     ``independent``: (JᵀJ)⁻¹·χ²_red, every point's noise independent; ``speckle``: the
     sandwich with the speckle noise model of :mod:`homodyne_steps.inference.speckle_noise`
-    (noise shared through frames).
+    (noise shared through frames), refusing data it does not describe; ``auto``
+    (default): ``speckle`` where the model describes the data (a correlator's two-time
+    matrix), else ``independent`` with the reason recorded.
     """
 
-    method: str = "independent"
+    method: str = "auto"
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any] | None, where: str) -> UncertaintySettings:
         m = dict(m or {})
         check_keys(m, {"method"}, where)
-        return cls(method=get_choice(m, "method", "independent", UNCERTAINTY_METHODS, where))
+        return cls(method=get_choice(m, "method", "auto", UNCERTAINTY_METHODS, where))
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ import numpy as np
 
 from homodyne_steps._jax import jnp
 from homodyne_steps.errors import DataError
+from homodyne_steps.inference.curvature import curvature_adjustment
 from homodyne_steps.inference.identification import identify, weakly_identified
 from homodyne_steps.inference.likelihood import full_system
 from homodyne_steps.inference.lm import FitResult, Problem
@@ -178,14 +179,19 @@ def _angle_scores(prob: Problem, result: FitResult, a: int) -> np.ndarray:
     return u
 
 
-def speckle_covariance(prob: Problem, result: FitResult, diagonal: np.ndarray) -> SpeckleCovariance:
-    """V at the fit's optimum, in the coordinates of ``prob``'s scaling mode: the meat
-    over (θ, contrast, offset) carried to the fitted z = (free θ, ψ) with
-    T = diag(I_free, M) (s = Mψ + fixed; varpro and individual: M = I)."""
-    p = result.physical.size
+@dataclass(frozen=True)
+class _Noise:
+    """The noise model at a fit's optimum: each angle's terms and levels, and the χ²_red
+    it predicts for the fit's weights."""
+
+    terms: list[_AngleNoise]
+    levels: list[NoiseLevels]
+    chi2_red_predicted: float
+
+
+def _noise(prob: Problem, result: FitResult, diagonal: np.ndarray) -> _Noise:
+    """Light (O(n_t²) per angle): what the refusal test needs before the meat is built."""
     n_phi = result.contrast.size
-    st = prob.stats(result.physical, with_jacobian=True)
-    normal, _ = full_system(st, result.contrast, result.offset)
     terms = [_angle_noise(prob, result, a) for a in range(n_phi)]
     # One scale B for the ring (its sectors share pixel size and photon rate); each
     # angle's d from its own diagonal.
@@ -197,6 +203,59 @@ def speckle_covariance(prob: Problem, result: FitResult, diagonal: np.ndarray) -
     iu = np.triu_indices(terms[0].gamma.shape[0], 1)
     predicted = sum(float(np.sum(t.w_sq * b * (d_a * d_a + t.gamma[iu] ** 2)))
                     for t, d_a in zip(terms, d, strict=True)) / max(used, 1.0)  # fmt: skip
+    return _Noise(terms, levels, predicted)
+
+
+ROW_SAMPLE = 64  # rows per angle whose residual sums test for frame-shared noise
+
+
+def _row_sum_variances(prob: Problem, result: FitResult, noise: _Noise, a: int):
+    """Σ over sampled rows i of s_i² (s_i = Σ_j r_ij, the residuals of row i) and its
+    expectation under the speckle model and under independent noise.
+
+    Frame-shared noise shows most in row sums: under the model
+    Var(s_i) = B·[mᵀΓm + (Σ_j Γ_ij m_j)²] (m: the row's used elements, Γ_jj = d), under
+    independent noise Σ_j σ²_|i−j|; on speckle data they differ 60–80-fold.
+    """
+    iu, ju, w = _pairs(prob, a)
+    n = int(prob.data.c2.shape[1])
+    used = np.zeros((n, n), dtype=bool)
+    used[iu, ju] = w > 0
+    used |= used.T
+    term, level = noise.terms[a], noise.levels[a]
+    c2 = np.nan_to_num(np.asarray(prob.data.c2[a]))
+    rows = np.unique(np.linspace(0, n - 1, min(ROW_SAMPLE, n)).astype(int))
+    resid = np.where(used[rows], c2[rows] - result.offset[a] - term.gamma[rows], 0.0)
+    gamma = term.gamma.copy()
+    np.fill_diagonal(gamma, level.diagonal)
+    m = used[rows].astype(np.float64)
+    speckle = level.b * (np.sum((m @ gamma) * m) + np.sum(np.sum(gamma[rows] * m, 1) ** 2))
+    lag = np.abs(np.arange(n)[None, :] - rows[:, None])
+    independent = np.sum(np.where(used[rows], term.sigma_sq[lag], 0.0))
+    return float(np.sum(resid.sum(1) ** 2)), float(speckle), float(independent)
+
+
+def frame_sharing(prob: Problem, result: FitResult, noise: _Noise) -> dict[str, float]:
+    """Observed over predicted variance of residual row sums, pooled over angles, under
+    the speckle model and under independent noise: the data choose the nearer (in log)."""
+    sums = np.sum([_row_sum_variances(prob, result, noise, a)
+                   for a in range(result.contrast.size)], axis=0)  # fmt: skip
+    return {"observed_over_speckle": float(sums[0] / sums[1]),
+            "observed_over_independent": float(sums[0] / sums[2])}  # fmt: skip
+
+
+def speckle_covariance(
+    prob: Problem, result: FitResult, diagonal: np.ndarray, noise: _Noise | None = None
+) -> SpeckleCovariance:
+    """V at the fit's optimum, in the coordinates of ``prob``'s scaling mode: the meat
+    over (θ, contrast, offset) carried to the fitted z = (free θ, ψ) with
+    T = diag(I_free, M) (s = Mψ + fixed; varpro and individual: M = I)."""
+    p = result.physical.size
+    n_phi = result.contrast.size
+    st = prob.stats(result.physical, with_jacobian=True)
+    normal, _ = full_system(st, result.contrast, result.offset)
+    noise = noise or _noise(prob, result, diagonal)
+    terms, levels = noise.terms, noise.levels
     meat = np.zeros_like(normal)
     for a, t in enumerate(terms):
         idx = np.r_[np.arange(p), p + a, p + n_phi + a]
@@ -223,7 +282,7 @@ def speckle_covariance(prob: Problem, result: FitResult, diagonal: np.ndarray) -
     else:
         x_free = ~np.asarray(prob.fixed, bool)
         cov_x[np.ix_(x_free, x_free)] = cov_z
-    return SpeckleCovariance(cov_x, cov_full, tuple(levels), predicted)
+    return SpeckleCovariance(cov_x, cov_full, tuple(levels), noise.chi2_red_predicted)
 
 
 SPECKLE_CHI2_FACTOR = 3.0  # predicted and fitted χ²_red must agree within this factor
@@ -237,20 +296,28 @@ def with_speckle_covariance(
     predicted χ²_red must agree with the fit's within :data:`SPECKLE_CHI2_FACTOR`."""
     if diagonal is None or not np.all(np.isfinite(diagonal)):
         raise DataError(
-            "nlsq.uncertainty.method: speckle reads the correlator's own c2 diagonal, which "
-            "these data do not carry (c2_diagonal: written by preprocess since 2026-11-30; "
+            "the speckle noise model reads the correlator's own c2 diagonal, which these "
+            "data do not carry (c2_diagonal: written by preprocess since 2026-11-30; "
             "re-run preprocess and qc) or which is masked for an angle"
         )
-    sc = speckle_covariance(prob, result, diagonal)
-    ratio = sc.chi2_red_predicted / result.reduced_chi_squared
+    noise = _noise(prob, result, diagonal)
+    ratio = noise.chi2_red_predicted / result.reduced_chi_squared
     if not 1 / SPECKLE_CHI2_FACTOR < ratio < SPECKLE_CHI2_FACTOR:
         raise DataError(
-            "nlsq.uncertainty.method: speckle: the speckle noise model does not describe "
-            f"these data: for the fit's weights it predicts χ²_red = "
-            f"{sc.chi2_red_predicted:.3g}, the fit has {result.reduced_chi_squared:.3g} "
-            f"(they must agree within a factor {SPECKLE_CHI2_FACTOR:g}). Use method "
-            "independent if the noise is independent between elements"
+            "the speckle noise model does not describe these data: for the fit's weights "
+            f"it predicts χ²_red = {noise.chi2_red_predicted:.3g}, the fit has "
+            f"{result.reduced_chi_squared:.3g} (they must agree within a factor "
+            f"{SPECKLE_CHI2_FACTOR:g}); the noise looks independent between elements"
         )
+    rows = frame_sharing(prob, result, noise)
+    if abs(np.log(rows["observed_over_speckle"])) >= abs(np.log(rows["observed_over_independent"])):
+        raise DataError(
+            "the residuals do not share noise through frames as speckle data do: the "
+            "variance of their row sums is "
+            f"{rows['observed_over_independent']:.3g} × what independent noise predicts and "
+            f"{rows['observed_over_speckle']:.3g} × what the speckle model predicts"
+        )
+    sc = speckle_covariance(prob, result, diagonal, noise)
     p = result.physical.size
     names = list(prob.names[:p])
     lo, hi = registry.bounds(names)
@@ -263,8 +330,31 @@ def with_speckle_covariance(
         weakly_identified=tuple(np.asarray(names)[weak].tolist()),
     )
     levels = [{"B": lv.b, "d": finite_or_none(lv.diagonal)} for lv in sc.levels]
-    return robust, {"method": "speckle", "reduced_chi2_predicted": sc.chi2_red_predicted,
-                    "per_angle": levels}  # fmt: skip
+    record = {"method": "speckle", "reduced_chi2_predicted": sc.chi2_red_predicted,
+              "row_sums": rows, "per_angle": levels}  # fmt: skip
+    adjustment = curvature_adjustment(
+        names, result.physical, result.covariance[:p, :p], robust.covariance[:p, :p]
+    )
+    if adjustment is not None:  # CMC's likelihood gets the same calibration
+        record["curvature_adjustment"] = adjustment.to_mapping()
+    return robust, record
+
+
+def fit_uncertainty(
+    prob: Problem, result: FitResult, method: str, registry: Registry, diagonal
+) -> tuple[FitResult, dict[str, Any]]:
+    """``result`` with the covariance ``nlsq.uncertainty.method`` asks for, and a record
+    of how it was made. ``auto``: the speckle covariance where the data carry the
+    correlator's diagonal and the speckle model describes them, else the independent
+    one, with the reason in the record (``fallback``)."""
+    if method == "independent" or not np.isfinite(result.chi_squared):
+        return result, {"method": "independent"}
+    try:
+        return with_speckle_covariance(prob, result, registry, diagonal)
+    except DataError as exc:
+        if method == "speckle":
+            raise DataError(f"nlsq.uncertainty.method: speckle: {exc}") from None
+        return result, {"method": "independent", "requested": method, "fallback": str(exc)}
 
 
 __all__ = [
@@ -274,6 +364,8 @@ __all__ = [
     "difference_design",
     "noise_scale",
     "speckle_covariance",
+    "fit_uncertainty",
+    "frame_sharing",
     "speckle_meat",
     "with_speckle_covariance",
 ]

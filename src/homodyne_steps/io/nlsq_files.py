@@ -82,6 +82,9 @@ class NlsqParameters(Record):
     uncertainty_convention: str
     #: how σ was scaled (:func:`homodyne_steps.inference.noise.noise_scale_record`)
     noise_scale: dict[str, Any]
+    #: with speckle σ, how CMC's likelihood is calibrated to them
+    #: (:mod:`homodyne_steps.inference.curvature`); null with independent σ
+    curvature_adjustment: dict[str, Any] | None = ABSENT
     convergence: NlsqConvergence
 
     @property

@@ -59,6 +59,8 @@ class ShardSummary(Record):
     prior: dict[str, Any] = ABSENT
     coordinates: dict[str, str] = ABSENT
     noise_scale: dict[str, Any] = ABSENT
+    #: the parameters the NLSQ record's curvature adjustment moves; null: none
+    curvature_adjustment: list[str] | None = ABSENT
     num_chains: int = ABSENT
     num_warmup: int = ABSENT
     num_samples: int = ABSENT

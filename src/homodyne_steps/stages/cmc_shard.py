@@ -12,7 +12,9 @@ w = 1/σ(angle, lag) from the NLSQ noise estimate. Then, per angle a::
                        log L = −½ χ²_min,a(θ) − ½ log det [[ΣGG, ΣG], [ΣG, Σ1]]
 
 the Bayesian counterpart of NLSQ's variable projection: the sampler explores only the
-3 or 7 physical parameters, and the scaling uncertainty is carried into them.
+3 or 7 physical parameters, and the scaling uncertainty is carried into them. Where the
+NLSQ σ come from the speckle noise model, log L is evaluated at θ̂ + C(θ − θ̂) with the
+NLSQ record's C (:mod:`homodyne_steps.inference.curvature`): the same calibration.
 
 Target: L_k(θ)·G(u)^(1/K) in the combination coordinates u, with G the broad Gaussian
 surrogate prior of :mod:`cmc_space`; the priors (TruncatedNormal(μ, σ) in the registry
@@ -38,6 +40,7 @@ import numpy as np
 from homodyne_steps._jax import jax, jnp
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSettings
+from homodyne_steps.inference.curvature import recorded_adjustment
 from homodyne_steps.inference.likelihood import (
     Stats,
     angle_blocks,
@@ -58,6 +61,7 @@ from homodyne_steps.physics.cmc_space import (
     SampledSpace,
     make_space,
     shard_log_density,
+    theta_from_w,
     w_from_theta,
     with_shear_convention,
     with_surrogate,
@@ -88,6 +92,10 @@ class ShardInputs:
     num_shards: int
     noise_scale: dict[str, Any]  # how σ was scaled (one treatment with NLSQ)
     points: tuple = ()  # (i, j, a, d, w) of the shard's blocks: constant over the sampling
+    #: the NLSQ record's curvature adjustment as (û, C) in the combination coordinates
+    #: (shards' sign convention); None: the likelihood as it is
+    adjustment: tuple[np.ndarray, np.ndarray] | None = None
+    adjusted: tuple[str, ...] = ()  # the parameters it moves
 
 
 def _prior_arrays(names, registry: Registry, prior: PriorSettings, nlsq: NlsqParameters):
@@ -141,6 +149,10 @@ def _loglik_fn(inp: ShardInputs):
     n_phys = len(inp.names)
 
     def loglik(theta):
+        if inp.adjustment is not None:
+            u0, matrix = (jnp.asarray(x) for x in inp.adjustment)
+            u = w_from_theta(theta, inp.space, COMBINATION)
+            theta = theta_from_w(u0 + matrix @ (u - u0), inp.space, COMBINATION)
         physical = theta[:n_phys]
         st = Stats(*block_stats(physical, inp.grid, *inp.points, False))
         if inp.scaling_mode == "varpro":
@@ -256,6 +268,13 @@ def prepare_shard(
     # the NLSQ optimum may have a negative mean shear rate; its mirror image has the same c2
     init_theta = with_shear_convention(np.array([*init_physical, *s_start]), space)
     space = with_surrogate(space, init_theta, _surrogate_sd(nlsq_params, names, space))
+    # σ from the speckle model: the likelihood gets their curvature (module docstring)
+    adjustment = recorded_adjustment(or_none(nlsq_params.curvature_adjustment), "NLSQ")
+    if adjustment is not None:
+        signs = np.where(init_theta[: len(names)] == init_physical, 1.0, -1.0)
+        u_map = adjustment.affine_map(names, init_theta, signs,
+                                      lambda th: w_from_theta(th, space, COMBINATION),
+                                      np.asarray(space.prior_sigma) ** 2)  # fmt: skip
     return ShardInputs(
         mode=mode,
         names=names,
@@ -272,6 +291,8 @@ def prepare_shard(
         num_shards=num_shards,
         noise_scale=noise_scale,
         points=tuple(gather_points(fit_data, jnp.asarray(blocks[0]))),
+        adjustment=u_map if adjustment else None,
+        adjusted=adjustment.parameters if adjustment else (),
     )
 
 
@@ -567,6 +588,7 @@ def _shard_record(
             "combined": COMBINATION,
         },
         "noise_scale": inp.noise_scale,
+        "curvature_adjustment": list(inp.adjusted) if inp.adjustment is not None else None,
         **sampling,
     }
 

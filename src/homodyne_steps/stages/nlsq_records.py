@@ -77,7 +77,10 @@ def uncertainty_convention(used: dict[str, Any]) -> str:
             "sqrt(diag(H⁻¹ M H⁻¹)) at the optimum: the sandwich with the speckle noise model "
             "(noise shared through frames; levels fitted to the residuals), σ from data"
         )
-    return "sqrt(diag((JᵀJ)⁻¹ · χ²_red)) at the optimum, σ from data"
+    plain = "sqrt(diag((JᵀJ)⁻¹ · χ²_red)) at the optimum, σ from data"
+    if "fallback" in used:  # auto, and the speckle model did not describe the data
+        return f"{plain} (independent noise: {used['fallback']})"
+    return plain
 
 
 def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqParameters:
@@ -122,6 +125,7 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqPa
         degrees_of_freedom=r.dof,
         uncertainty_convention=uncertainty_convention(out.uncertainty),
         noise_scale=noise_scale_record(r.reduced_chi_squared),
+        curvature_adjustment=out.uncertainty.get("curvature_adjustment"),
         convergence=NlsqConvergence(
             status=r.status,
             reason=r.reason,
