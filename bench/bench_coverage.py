@@ -122,7 +122,8 @@ def one_run(
 
 
 def summarise(rows: list[dict], method: str) -> dict:
-    used = [r for r in rows if r["fits"][method]["status"] == "converged"]
+    # CMC's "converged_with_warnings" (an R-hat or ESS warning) is converged
+    used = [r for r in rows if r["fits"][method]["status"].startswith("converged")]
     first = (used or rows)[0]["fits"][method]
     names = [n for n in first["value"] if np.isfinite(first["sd"][n])]
     out = {"n_runs": len(rows), "n_converged": len(used), "parameters": {}}

@@ -202,7 +202,7 @@ def test_far_start_laminar_converges_to_same_minimum(laminar_case, fitted):
     strict=True,
     reason=(
         "solver limitation: laminar_flow from D0 = 10x truth (1e5, the upper bound), "
-        "alpha + 0.5, gamma_dot_t0 = 20x truth runs 100 iterations into the degenerate "
+        "alpha + 0.5, gamma_dot_t0 = 20x truth runs its 300 iterations into the degenerate "
         "gamma_dot_t0 / gamma_dot_t_offset valley (beta -> 0, gamma_dot_t0 and "
         "gamma_dot_t_offset growing with opposite signs) and stops with status "
         "max_iterations (reported honestly, but the far start does not converge)"
@@ -312,7 +312,8 @@ def test_each_scaling_mode_runs(fitted, scaling):
 
 def test_individual_and_varpro_agree(fitted):
     ind, vp = fitted("static", "individual"), fitted("static", "varpro")
-    np.testing.assert_allclose(ind.result.physical, vp.result.physical, rtol=1e-3)
+    # the same minimum: within 1 % of σ (the individual fit may stop on a flat χ²)
+    assert np.all(np.abs(ind.result.physical - vp.result.physical) < 0.01 * vp.uncertainties)
     assert ind.result.chi_squared == pytest.approx(vp.result.chi_squared, rel=1e-8)
     np.testing.assert_allclose(ind.result.contrast, vp.result.contrast, rtol=1e-4)
     np.testing.assert_allclose(ind.result.offset, vp.result.offset, rtol=1e-4)
@@ -603,7 +604,8 @@ def test_initial_parameters_are_the_start(static_case, fitted):
     out = fit(data, STATIC, truth["L"], settings(initial_parameters=best))
     # χ² at the start is the optimum's: the start was the given point, not the default.
     assert out.result.history[0] == pytest.approx(ref.result.chi_squared, rel=1e-9)
-    assert ref.result.history[0] > 1.5 * ref.result.chi_squared
+    far = fit(data, STATIC, truth["L"], settings(start="registry"))
+    assert far.result.history[0] > 1.5 * ref.result.chi_squared
     assert out.result.iterations <= 2
     assert out.result.converged
     # It never moved, but the start is an identified optimum: that is no failure.
@@ -970,3 +972,32 @@ def test_scaling_out_of_range_is_flagged(bad_scaling_case, tmp_path):
     analysis = load_strict_json(tmp_path / "analysis_results_nlsq.json")
     assert 0.9 <= r.reduced_chi_squared <= 1.1 and not np.any(r.at_lower | r.at_upper)
     assert analysis["fit_quality"]["quality_flag"] == "warning"  # good but for the scaling
+
+
+@pytest.mark.parametrize("mode", ["static", "laminar_flow"])
+def test_start_from_the_data_lands_near_the_truth(mode):
+    """The coarse χ² search (nlsq.start: data) on the reference cases of the model
+    simulator: D(t) at mid-window within a factor 1.5 of the truth, the mean shear rate
+    within a factor 2 and phi0 within 5°; parameters the user gave or fixed stay put."""
+    from homodyne_steps._jax import jnp
+    from homodyne_steps.inference.nlsq_fit import _prepare
+    from homodyne_steps.physics.model import diffusion_coefficient, shear_rate
+    from homodyne_steps.physics.model_settings import ModelSettings
+
+    data, truth = make_case(mode, n_frames=120, seed=2)
+    prep = _prepare(data, mode, truth["L"], NlsqSettings(), REGISTRY, ModelSettings())
+    assert prep.start["method"] == "data"
+    true = np.array([truth["params"][n] for n in prep.names])
+    t_mid = np.array([data.t1[data.n_t // 2]])
+    for law in (diffusion_coefficient,) + ((shear_rate,) if mode != "static" else ()):
+        got, want = (float(law(jnp.asarray(x), t_mid)[0]) for x in (prep.theta0, true))
+        assert 1 / 2 < got / want < 2, (law.__name__, got, want, prep.start)
+        if law is diffusion_coefficient:
+            assert 1 / 1.5 < got / want < 1.5, (got, want, prep.start)
+    if mode != "static":
+        assert abs(prep.theta0[prep.names.index("phi0")] - truth["params"]["phi0"]) < 5
+    given = NlsqSettings.from_mapping({"initial_parameters": {"D0": 2e4},
+                                       "fixed_parameters": ["alpha"]})  # fmt: skip
+    prep = _prepare(data, mode, truth["L"], given, REGISTRY, ModelSettings())
+    assert prep.theta0[0] == 2e4 and prep.theta0[1] == REGISTRY["alpha"].default
+    assert prep.start["estimated"] == [n for n in prep.names if n not in ("D0", "alpha")]

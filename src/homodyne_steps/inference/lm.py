@@ -13,10 +13,14 @@ The objective is :class:`Problem` (χ², JᵀJ and Jᵀr from the per-angle stat
 - :func:`_search`: trial steps tested with a cheap value-only pass before paying for the
   Jacobian, accepted on a decrease of χ² (:func:`is_decrease`), the damping updated by
   the gain ratio (:func:`damping_after_accept`, :func:`damping_after_reject`);
-- four convergence tests: a scaled projected gradient < gtol (:func:`gradient_small`),
+- five convergence tests: a scaled projected gradient < gtol (:func:`gradient_small`),
   the χ² decrease a full Gauss–Newton step would bring < dchi2_tol
   (:func:`newton_decrement`), a relative χ² decrease < ftol on an accepted step
-  (:func:`decrease_small`), a scaled step < xtol (:func:`step_small`);
+  (:func:`decrease_small`), a scaled step < xtol (:func:`step_small`), and a χ² that
+  fell by less than flat_dchi2 over the last 20 iterations (the fit creeping along a
+  valley the data do not determine: speckle-level data put the minimum of
+  D0 t^alpha + D_offset or of the shear law far along it, and Gauss–Newton steps then
+  shrink to a crawl; the identification verdict below says what the data fix);
 - :func:`_finish`: the covariance and the verdict.
 
 Uncertainties: cov = (JᵀJ)⁻¹ · χ²_red over the free parameters (scipy's
@@ -362,6 +366,17 @@ def levenberg_marquardt(
             break
         if small:
             status, reason = "converged", "xtol: scaled step below tolerance"
+            break
+        if (
+            len(history) > DRIFT_WINDOW
+            and history[-DRIFT_WINDOW - 1] - cur.chi2 < settings.flat_dchi2
+        ):
+            status = "converged"
+            reason = (
+                f"flat: χ² fell by {history[-DRIFT_WINDOW - 1] - cur.chi2:.3g} over the last "
+                f"{DRIFT_WINDOW} iterations (< {settings.flat_dchi2:g}): the parameters still "
+                "moving do so along a valley the data do not determine"
+            )
             break
     stop = (status, reason, iterations)
     result = _finish(prob, cur, p, x_start, stop, history, (t_start, t_first))

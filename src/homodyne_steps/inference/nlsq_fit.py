@@ -31,6 +31,7 @@ from homodyne_steps.inference.lm import (
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
 from homodyne_steps.inference.noise import noise_sigma
 from homodyne_steps.inference.speckle_noise import fit_uncertainty
+from homodyne_steps.inference.start_values import search_start
 from homodyne_steps.inference.stratify import diagnose_counts
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.serialise import finite_or_none
@@ -60,6 +61,7 @@ class NlsqOutcome:
     model: ModelSettings = field(default_factory=ModelSettings)
     #: how the covariance was computed (``nlsq.uncertainty``)
     uncertainty: dict[str, Any] = field(default_factory=lambda: {"method": "independent"})
+    start: dict[str, Any] = field(default_factory=dict)  # how the start was chosen
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _Prepared:
     fixed: np.ndarray
     model: ModelSettings
     diagonal: np.ndarray | None = None  # (P,) mean of the correlator's diagonal
+    start: dict[str, Any] = field(default_factory=dict)  # how theta0 was chosen
 
 
 def _prepare(
@@ -109,6 +112,11 @@ def _prepare(
     contrast0, offset0 = quantile_estimates(c2, registry)
     grid = make_grid(data.t1, data.phi_angles_list, data.q, L, data.dt, **model.to_mapping())
     fixed = np.array([n in s.fixed_parameters for n in names])
+    start = None
+    searched = ~fixed & np.array([n not in s.initial_parameters for n in names])
+    if s.start == "data" and searched.any():
+        start = search_start(grid, c2, sigma_lag, names, theta0, searched, *registry.bounds(names))
+        theta0 = start.theta
     diagonal = None
     if data.c2_diagonal is not None:
         with np.errstate(invalid="ignore"):
@@ -127,6 +135,7 @@ def _prepare(
         fixed,
         model,
         diagonal,
+        start.to_record(names) if start else {"method": s.start if searched.any() else "given"},
     )
 
 
@@ -245,6 +254,7 @@ def _outcome(prep, prob, result, phi, s, diag, strategy, registry, extra=None) -
         diagnostics=diag,
         model=prep.model,
         uncertainty=uncertainty,
+        start=prep.start,
     )
     for k, v in (extra or {}).items():
         setattr(out, k, v)
@@ -515,6 +525,7 @@ def fit_sequential(
         per_angle_fits=per_angle,
         uncertainty=uncertainty,
         model=prep.model,
+        start=prep.start,
     )
     out.diagnostics["success_rate"] = float(success.mean())
     out.diagnostics["identified_alone"] = n_full

@@ -18,11 +18,14 @@ from homodyne_steps.settings import check_keys, get_choice, get_int, get_number
 class SolverSettings:
     """Levenberg–Marquardt stopping rules and start damping (``nlsq.solver``)."""
 
-    max_iterations: int = 100
+    max_iterations: int = 300
     ftol: float = 1e-10
     xtol: float = 1e-10
     gtol: float = 1e-8
     dchi2_tol: float = 1e-3
+    #: χ² decrease over the last DRIFT_WINDOW (20) iterations below which the objective is
+    #: flat where the fit stands: it stops there (on a direction the data do not fix)
+    flat_dchi2: float = 0.1
     initial_damping: float = 1e-3
 
 
@@ -60,6 +63,9 @@ class UncertaintySettings:
 class NlsqSettings:
     per_angle_scaling: str = DEFAULT_MODE
     strategy: str = "joint"
+    #: where the parameters without initial_parameters start: ``data`` (a coarse χ² search,
+    #: :mod:`homodyne_steps.inference.start_values`) or ``registry`` (the defaults)
+    start: str = "data"
     initial_parameters: Mapping[str, float] = field(default_factory=dict)
     fixed_parameters: tuple[str, ...] = ()
     noise: NoiseSettings = field(default_factory=NoiseSettings)
@@ -78,6 +84,7 @@ class NlsqSettings:
             {
                 "per_angle_scaling",
                 "strategy",
+                "start",
                 "initial_parameters",
                 "fixed_parameters",
                 "noise",
@@ -110,7 +117,7 @@ class NlsqSettings:
             )
         solver = dict(m.get("solver") or {})
         w = f"{where}.solver"
-        check_keys(solver, {"max_iterations", "dchi2_tol", "ftol", "xtol", "gtol"}, w)
+        check_keys(solver, {"max_iterations", "dchi2_tol", "flat_dchi2", "ftol", "xtol", "gtol"}, w)
         d = SolverSettings()
         ms = dict(m.get("multistart") or {})
         check_keys(ms, {"enabled", "n_starts", "seed"}, f"{where}.multistart")
@@ -120,6 +127,7 @@ class NlsqSettings:
         return cls(
             per_angle_scaling=get_choice(m, "per_angle_scaling", DEFAULT_MODE, MODES, where),
             strategy=get_choice(m, "strategy", "joint", ("joint", "sequential"), where),
+            start=get_choice(m, "start", "data", ("data", "registry"), where),
             initial_parameters=init,
             fixed_parameters=tuple(fixed),
             noise=NoiseSettings.from_mapping(m.get("noise"), f"{where}.noise"),
@@ -127,6 +135,7 @@ class NlsqSettings:
             solver=SolverSettings(
                 max_iterations=get_int(solver, "max_iterations", d.max_iterations, w, minimum=1),
                 dchi2_tol=get_number(solver, "dchi2_tol", d.dchi2_tol, w, minimum=0.0),
+                flat_dchi2=get_number(solver, "flat_dchi2", d.flat_dchi2, w, minimum=0.0),
                 ftol=get_number(solver, "ftol", d.ftol, w, minimum=0.0),
                 xtol=get_number(solver, "xtol", d.xtol, w, minimum=0.0),
                 gtol=get_number(solver, "gtol", d.gtol, w, minimum=0.0),

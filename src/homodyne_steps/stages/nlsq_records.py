@@ -197,6 +197,7 @@ def analysis_record(
             "status": r.status,
             "iterations": r.iterations,
             "execution_time": out.timings.get("fit_s"),
+            "start": out.start,
         },
         # null where undefined (a not_identified direction): 0 would claim "no correlation"
         "covariance": {"names": names, "matrix": _finite_or_null(cov)},
