@@ -122,7 +122,9 @@ def test_cmc_with_the_adjustment_reports_the_target_covariance(tmp_path):
     assert record["divergences"] == 0
     combine_stage([nc], [nc.with_suffix(".json")], tmp_path / "cmc", CombineSettings(),
                   nlsq_parameters=nlsq_dir / "parameters.json")  # fmt: skip
-    cmc = json.loads((tmp_path / "cmc" / "parameters.json").read_text())["parameters"]
+    record = json.loads((tmp_path / "cmc" / "parameters.json").read_text())
+    assert record["curvature_adjustment"] == list(NAMES)
+    cmc = record["parameters"]
     sigma = np.sqrt(np.diag(cov))
     sd = np.array([cmc[n]["std"] for n in NAMES])
     assert np.allclose(sd / sigma, 2.0, rtol=0.12), sd / sigma

@@ -151,6 +151,9 @@ class CmcParameters(Record):
     #: how σ was scaled (:func:`homodyne_steps.inference.noise.noise_scale_record`); null
     #: when the shards do not say, absent from older files
     noise_scale: dict[str, Any] | None = ABSENT
+    #: the parameters whose likelihood the NLSQ record's speckle σ calibrated
+    #: (:mod:`homodyne_steps.inference.curvature`); null: none
+    curvature_adjustment: list[str] | None = ABSENT
 
     @property
     def names(self) -> tuple[str, ...]:

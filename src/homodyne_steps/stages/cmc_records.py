@@ -181,6 +181,7 @@ def parameters_record(run: CombinedRun) -> CmcParameters:
         "convergence": _convergence(run),
         "sampling_summary": sampling_summary(run),
         "noise_scale": or_none(first.meta.noise_scale),
+        "curvature_adjustment": or_none(first.meta.curvature_adjustment),
     }
     return CmcParameters.of_mapping(mapping, null_non_finite=True)
 
