@@ -159,8 +159,21 @@ def recorded_adjustment(record: Mapping[str, Any] | None, where: str):
     return None if record is None else CurvatureAdjustment.of_mapping(record, where)
 
 
+def adjustment_in(record, names, theta0, nlsq_theta, to_coords, fill):
+    """((û, C), adjusted names) of an NLSQ record's adjustment in a sampler's coordinates
+    u = ``to_coords``(θ) (:meth:`CurvatureAdjustment.affine_map`), or (None, ()) without
+    one. ``theta0`` is θ̂ in the sampler's sign convention, ``nlsq_theta`` the physical
+    part as NLSQ wrote it: entries that differ are the mirror image (sign −1)."""
+    adjustment = recorded_adjustment(record, "NLSQ")
+    if adjustment is None:
+        return None, ()
+    signs = np.where(np.asarray(theta0)[: len(names)] == np.asarray(nlsq_theta), 1.0, -1.0)
+    return adjustment.affine_map(names, theta0, signs, to_coords, fill), adjustment.parameters
+
+
 __all__ = [
     "CurvatureAdjustment",
+    "adjustment_in",
     "adjustment_matrix",
     "curvature_adjustment",
     "recorded_adjustment",

@@ -40,7 +40,7 @@ import numpy as np
 from homodyne_steps._jax import jax, jnp
 from homodyne_steps.errors import ConfigError, DataError
 from homodyne_steps.inference.cmc_shard_settings import PriorSettings, SamplerSettings
-from homodyne_steps.inference.curvature import recorded_adjustment
+from homodyne_steps.inference.curvature import adjustment_in
 from homodyne_steps.inference.likelihood import (
     Stats,
     angle_blocks,
@@ -225,20 +225,9 @@ def prepare_shard(
     model = model or ModelSettings()
     _check_same_fit(nlsq_params, mode, model)
     names = registry.physical_names(mode)
-    n_phi, n_t = data.n_phi, data.n_t
-    n_pairs = n_t * (n_t - 1) // 2
-    n_total = n_phi * n_pairs
+    n_phi = data.n_phi
     num_shards = plan_indices.shape[0]
-    if not 0 <= shard < num_shards:
-        raise DataError(f"shard {shard} is not in the plan's 0..{num_shards - 1}")
-    ids = np.asarray(plan_indices[shard], dtype=np.int64)
-    ids = ids[ids < n_total]
-    if ids.size == 0 or (ids.max() >= n_total):
-        raise DataError("the shard plan does not match the data (point ids out of range)")
-    # angle_blocks groups *positions* 0..n-1 by angle (padding n); map them back to the
-    # shard's point ids (padding N).
-    local = angle_blocks(np.arange(ids.size)[None, :], ids // n_pairs, n_phi)
-    blocks = np.where(local < ids.size, ids[np.minimum(local, ids.size - 1)], n_total)
+    ids, blocks = _shard_blocks(plan_indices, shard, n_phi, data.n_t)
     noise_scale = noise_scale_from_nlsq(nlsq_params)
     fit_data = make_fit_data(data.c2_exp, np.asarray(sigma_lag) * noise_scale["sigma_factor"])
     scaling_mode = nlsq_params.scaling_mode
@@ -269,12 +258,10 @@ def prepare_shard(
     init_theta = with_shear_convention(np.array([*init_physical, *s_start]), space)
     space = with_surrogate(space, init_theta, _surrogate_sd(nlsq_params, names, space))
     # σ from the speckle model: the likelihood gets their curvature (module docstring)
-    adjustment = recorded_adjustment(or_none(nlsq_params.curvature_adjustment), "NLSQ")
-    if adjustment is not None:
-        signs = np.where(init_theta[: len(names)] == init_physical, 1.0, -1.0)
-        u_map = adjustment.affine_map(names, init_theta, signs,
-                                      lambda th: w_from_theta(th, space, COMBINATION),
-                                      np.asarray(space.prior_sigma) ** 2)  # fmt: skip
+    u_map, adjusted = adjustment_in(
+        or_none(nlsq_params.curvature_adjustment), names, init_theta, init_physical,
+        lambda th: w_from_theta(th, space, COMBINATION), np.asarray(space.prior_sigma) ** 2,
+    )  # fmt: skip
     return ShardInputs(
         mode=mode,
         names=names,
@@ -291,9 +278,26 @@ def prepare_shard(
         num_shards=num_shards,
         noise_scale=noise_scale,
         points=tuple(gather_points(fit_data, jnp.asarray(blocks[0]))),
-        adjustment=u_map if adjustment else None,
-        adjusted=adjustment.parameters if adjustment else (),
+        adjustment=u_map,
+        adjusted=adjusted,
     )
+
+
+def _shard_blocks(plan_indices: np.ndarray, shard: int, n_phi: int, n_t: int):
+    """(point ids, (1, n_phi, m) blocks of them by angle) of one shard of the plan."""
+    n_pairs = n_t * (n_t - 1) // 2
+    n_total = n_phi * n_pairs
+    num_shards = plan_indices.shape[0]
+    if not 0 <= shard < num_shards:
+        raise DataError(f"shard {shard} is not in the plan's 0..{num_shards - 1}")
+    ids = np.asarray(plan_indices[shard], dtype=np.int64)
+    ids = ids[ids < n_total]
+    if ids.size == 0 or (ids.max() >= n_total):
+        raise DataError("the shard plan does not match the data (point ids out of range)")
+    # angle_blocks groups *positions* 0..n-1 by angle (padding n); map them back to the
+    # shard's point ids (padding N).
+    local = angle_blocks(np.arange(ids.size)[None, :], ids // n_pairs, n_phi)
+    return ids, np.where(local < ids.size, ids[np.minimum(local, ids.size - 1)], n_total)
 
 
 def _surrogate_sd(nlsq_params: NlsqParameters, names, space: SampledSpace) -> np.ndarray:
