@@ -8,6 +8,7 @@ from homodyne_steps.physics.coordinates import (
     from_rates,
     power_law_from_rates,
     rates_from_power_law,
+    rates_jacobian,
     split_times,
     to_rates,
 )
@@ -45,6 +46,30 @@ def test_jacobian_matches_finite_differences():
         cols.append((np.array(plus) - np.array(minus)) / (2 * h))
     det = abs(np.linalg.det(np.array(cols).T))
     assert det == pytest.approx(1.0 / abs(gap), rel=1e-6)
+
+
+@pytest.mark.parametrize("exponent", [-0.3, 0.25, -0.004])
+def test_rates_jacobian_matches_finite_differences_of_the_inverse_map(exponent):
+    # θ = (D0, alpha, D_offset, contrast); u = (D_early, alpha, D_late, contrast)
+    names = ["D0", "alpha", "D_offset", "contrast"]
+    t = 0.1 * np.arange(0, 121)
+    theta = np.array([1e4, exponent, 500.0, 0.3])
+    early, late = rates_from_power_law(theta[0], exponent, theta[2], T_EARLY, T_LATE)
+    u = np.array([early, exponent, late, 0.3])
+
+    def theta_of(u):
+        a, o, _ = power_law_from_rates(u[0], u[2], u[1], T_EARLY, T_LATE)
+        return np.array([a, u[1], o, u[3]])
+
+    h = np.abs(u) * 1e-6 + 1e-9
+    numeric = np.stack(
+        [(theta_of(u + h[j] * np.eye(4)[j]) - theta_of(u - h[j] * np.eye(4)[j])) / (2 * h[j])
+         for j in range(4)], axis=1)  # fmt: skip
+    jac = rates_jacobian(names, theta, t)
+    np.testing.assert_allclose(jac, numeric, rtol=1e-5, atol=1e-9 * np.abs(numeric).max())
+    # a fixed member keeps the whole law in θ; so does an exponent exactly at 0
+    np.testing.assert_array_equal(rates_jacobian(names, theta, t, [1, 1, 0, 1]), np.eye(4))
+    np.testing.assert_array_equal(rates_jacobian(names, [1e4, 0.0, 5.0, 0.3], t), np.eye(4))
 
 
 def test_draw_arrays_round_trip_for_every_mode():

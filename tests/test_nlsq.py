@@ -1001,3 +1001,40 @@ def test_start_from_the_data_lands_near_the_truth(mode):
     prep = _prepare(data, mode, truth["L"], given, REGISTRY, ModelSettings())
     assert prep.theta0[0] == 2e4 and prep.theta0[1] == REGISTRY["alpha"].default
     assert prep.start["estimated"] == [n for n in prep.names if n not in ("D0", "alpha")]
+
+
+def test_identification_in_rates_coordinates_near_a_zero_exponent():
+    """D(t) = D0 t^alpha + D_offset at alpha = −0.002: in θ the D0 and D_offset columns are
+    collinear to ~1e-6, so JᵀJ looks singular (not identified), although the data fix
+    the three parameters; judged in the rates coordinates it is full rank, and the
+    covariance equals the exact inverse of JᵀJ (60-digit arithmetic, mpmath)."""
+    import mpmath
+
+    from homodyne_steps.physics.coordinates import rates_jacobian
+
+    t = 0.1 * np.arange(1, 401)
+    d0, alpha = 1e5, -0.002
+    jac = np.stack([t**alpha, d0 * t**alpha * np.log(t), np.ones_like(t)], axis=1)
+    a = jac.T @ jac
+    plain = identify(a)
+    assert plain.rank == 2 and plain.unidentified.all()
+    transform = rates_jacobian(["D0", "alpha", "D_offset"], [d0, alpha, -9e4], t)
+    ident = identify(a, transform=transform)
+    assert ident.rank == 3 and not ident.unidentified.any()
+    mpmath.mp.dps = 60
+    cols = [[mpmath.mpf(float(t_k)) ** mpmath.mpf(alpha) for t_k in t]]
+    cols.append([mpmath.mpf(d0) * c * mpmath.log(mpmath.mpf(float(t_k)))
+                 for c, t_k in zip(cols[0], t, strict=True)])  # fmt: skip
+    cols.append([mpmath.mpf(1)] * t.size)
+    exact_a = mpmath.matrix(3, 3)
+    for i in range(3):
+        for j in range(3):
+            exact_a[i, j] = mpmath.fsum(x * y for x, y in zip(cols[i], cols[j], strict=True))
+    exact = np.array((exact_a**-1).tolist(), dtype=float)
+    # to the float64 rounding of JᵀJ itself (its condition number is ~1e11 in θ)
+    np.testing.assert_allclose(ident.inverse, exact, rtol=1e-4)
+    # well away from 0 the transform changes nothing
+    away = np.stack([t**-0.3, d0 * t**-0.3 * np.log(t), np.ones_like(t)], axis=1)
+    far = rates_jacobian(["D0", "alpha", "D_offset"], [d0, -0.3, 0], t)
+    in_u = identify(away.T @ away, transform=far)
+    np.testing.assert_allclose(in_u.inverse, identify(away.T @ away).inverse, rtol=1e-7)

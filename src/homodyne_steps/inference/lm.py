@@ -21,12 +21,15 @@ The objective is :class:`Problem` (χ², JᵀJ and Jᵀr from the per-angle stat
   valley the data do not determine: speckle-level data put the minimum of
   D0 t^alpha + D_offset or of the shear law far along it, and Gauss–Newton steps then
   shrink to a crawl; the identification verdict below says what the data fix);
+- :func:`valley_jump`: every 20 iterations, the last window's displacement extrapolated
+  in the power laws' rates coordinates, where that valley is nearly straight;
 - :func:`_finish`: the covariance and the verdict.
 
 Uncertainties: cov = (JᵀJ)⁻¹ · χ²_red over the free parameters (scipy's
 ``absolute_sigma=False`` convention: if σ is misestimated or the model misfits, the
 errors grow with it instead of staying optimistic). Parameters the data do not determine
-(:func:`homodyne_steps.inference.identification.identify`) get NaN covariance rows. A fit that
+(:func:`homodyne_steps.inference.identification.identify`, judged with the power laws
+in their rates coordinates, :func:`rates_transform`) get NaN covariance rows. A fit that
 stopped on a convergence test with such parameters is ``not_identified``; one whose free
 parameters never left the start values and that does not identify them is ``failed``.
 Physical parameters the data fix only to within a large part of their bounds are listed
@@ -58,6 +61,13 @@ from homodyne_steps.inference.likelihood import (
     schur_theta,
 )
 from homodyne_steps.inference.nlsq_settings import SolverSettings
+from homodyne_steps.physics.coordinates import (
+    POWER_LAWS,
+    power_law_from_rates,
+    rates_from_power_law,
+    rates_jacobian,
+    split_times,
+)
 from homodyne_steps.physics.model import KernelGrid
 from homodyne_steps.physics.scaling import ScalingMap
 
@@ -317,6 +327,77 @@ def _search(prob: Problem, cur: _Iterate, a_u, g_u, free, lam: float, nu: float,
             return False, x_new, du, lam, nu
 
 
+VALLEY_STRIDES = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # multiples of the last window
+
+
+def _valley_coordinates(prob: Problem, p: int):
+    """(x → u, u → x): each power law whose members are all free in its rates
+    coordinates (:mod:`homodyne_steps.physics.coordinates`), the rest unchanged."""
+    names = list(prob.names[:p])
+    t_early, t_late = split_times(prob.grid.t_safe)
+    groups = [
+        tuple(names.index(n) for n in (amp, exp_name, off))
+        for amp, exp_name, off, _ in POWER_LAWS
+        if {amp, exp_name, off} <= set(names)
+        and not prob.fixed[[names.index(n) for n in (amp, exp_name, off)]].any()
+    ]
+
+    def to_u(x):
+        u = np.array(x, dtype=np.float64)
+        for ka, ke, ko in groups:
+            u[ka], u[ko] = rates_from_power_law(x[ka], x[ke], x[ko], t_early, t_late)
+        return u
+
+    def to_x(u):
+        x = np.array(u, dtype=np.float64)
+        for ka, ke, ko in groups:
+            x[ka], x[ko], _ = power_law_from_rates(u[ka], u[ko], u[ke], t_early, t_late)
+        return x
+
+    return to_u, to_x, groups
+
+
+def valley_jump(prob: Problem, cur: _Iterate, x_back: np.ndarray, p: int):
+    """A point further along the way the fit crept over its last iterations, or None.
+
+    Where the data fix D(t) (or γ̇(t)) but hardly its parts, Levenberg–Marquardt creeps:
+    the valley of (D0, alpha, D_offset) is curved, each Gauss–Newton step leaves it and
+    is cut short, and hundreds of iterations move the parameters a few per cent (1392
+    iterations on one laminar speckle file). In the rates coordinates the valley is
+    nearly straight, so the displacement of the last window, extrapolated there by
+    :data:`VALLEY_STRIDES`, stays in it. The longest stride that keeps lowering χ² (value
+    passes only) is taken; a stride that leaves the bounds is shortened to them, and a
+    law with a member on a bound stays where it is.
+    """
+    to_u, to_x, groups = _valley_coordinates(prob, p)
+    u_now, step = to_u(cur.x), to_u(cur.x) - to_u(x_back)
+    on_bound = (cur.x <= prob.lower) | (cur.x >= prob.upper)
+    for group in groups:  # a law held by a bound (D0 on 1e5) stays; the others may go on
+        if on_bound[list(group)].any():
+            step[list(group)] = 0.0
+    step[on_bound] = 0.0
+    inside = lambda x: bool(np.all(np.isfinite(x)) and np.all(x >= prob.lower)  # noqa: E731
+                            and np.all(x <= prob.upper))  # fmt: skip
+    best, best_chi2, last_ok = None, cur.chi2, 1.0
+    for stride in VALLEY_STRIDES:
+        x_try = to_x(u_now + (stride - 1.0) * step)
+        if not inside(x_try):  # shorten to the bounds (bisection on the stride)
+            lo, hi = last_ok, stride
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if inside(to_x(u_now + (mid - 1.0) * step)) else (lo, mid)
+            x_try = to_x(u_now + (lo - 1.0) * step)
+            if lo <= last_ok or not inside(x_try):
+                break
+        chi2 = _trial_chi2(prob, cur, x_try, p)
+        if not is_decrease(best_chi2, chi2):
+            break
+        best, best_chi2, last_ok = x_try, chi2, stride
+        if not inside(to_x(u_now + (stride - 1.0) * step)):
+            break  # landed on a bound
+    return best
+
+
 def levenberg_marquardt(
     prob: Problem, theta0: np.ndarray, psi0: np.ndarray, settings: SolverSettings | None = None
 ) -> FitResult:
@@ -367,6 +448,13 @@ def levenberg_marquardt(
         if small:
             status, reason = "converged", "xtol: scaled step below tolerance"
             break
+        if iterations % DRIFT_WINDOW == 0 and len(recent) > DRIFT_WINDOW:
+            jumped = valley_jump(prob, cur, recent[0], p)
+            if jumped is not None:
+                cur = _evaluate(prob, jumped, p)
+                history.append(cur.chi2)
+                recent.append(cur.x)
+                continue
         if (
             len(history) > DRIFT_WINDOW
             and history[-DRIFT_WINDOW - 1] - cur.chi2 < settings.flat_dchi2
@@ -419,7 +507,7 @@ def _finish(prob: Problem, cur: _Iterate, p: int, x_start, stop, history, clock)
     free = ~prob.fixed
     n_fitted = int(free.sum()) + (2 * prob.n_phi if prob.varpro else 0)
     red = chi2 / max(prob.n_points - n_fitted, 1)
-    cov_x, cov_full, ident, names = _covariances(prob, a, jtj_full, free, red)
+    cov_x, cov_full, ident, names = _covariances(prob, x, a, jtj_full, free, red)
     not_identified = tuple(np.asarray(names)[ident.unidentified].tolist())
     moved = bool(np.any(x[free] != x_start[free]))
     status, reason = _verdict(status, reason, moved, not_identified, ident.why)
@@ -467,23 +555,35 @@ def information_at(prob: Problem, theta: np.ndarray):
     return chi2, _information(prob, a, jtj_full, ~prob.fixed, theta.size), c, o
 
 
-def _covariances(prob: Problem, a, jtj_full, free, red):
+def rates_transform(prob: Problem, theta: np.ndarray, size: int, free: np.ndarray) -> np.ndarray:
+    """∂x/∂u over the ``free`` of ``size`` parameters (θ first), u with each power law
+    in its rates coordinates (:func:`rates_jacobian`): where identification is judged."""
+    p = theta.size
+    t = np.eye(size)
+    t[:p, :p] = rates_jacobian(prob.names[:p], theta, prob.grid.t_safe, free[:p])
+    return t[np.ix_(free, free)]
+
+
+def _covariances(prob: Problem, x, a, jtj_full, free, red):
     """(cov over x, cov over (θ, contrast, offset), identification, its parameter names).
 
     varpro is judged on the full system (θ with every angle's contrast and offset, whose
-    diagonal is raw sums), the other modes on the system of x; NaN marks what is fixed
-    or not identified, and what depends on it.
+    diagonal is raw sums), the other modes on the system of x; both in the power laws'
+    rates coordinates (:func:`rates_transform`). NaN marks what is fixed or not
+    identified, and what depends on it.
     """
     p = jtj_full.shape[0] - 2 * prob.n_phi
     cov_x = np.full((free.size, free.size), np.nan)
     if prob.varpro:
         full_free = np.r_[free, np.ones(2 * prob.n_phi, bool)]
-        ident = identify(jtj_full[np.ix_(full_free, full_free)], red)
+        to_u = rates_transform(prob, x[:p], jtj_full.shape[0], full_free)
+        ident = identify(jtj_full[np.ix_(full_free, full_free)], red, transform=to_u)
         cov_full = np.full(jtj_full.shape, np.nan)
         cov_full[np.ix_(full_free, full_free)] = ident.covariance(red)
         cov_x[np.ix_(free, free)] = cov_full[:p, :p][np.ix_(free, free)]
         return cov_x, cov_full, ident, [n for n, f in zip(prob.names, full_free, strict=True) if f]
-    ident = identify(a[np.ix_(free, free)], red)
+    to_u = rates_transform(prob, x[:p], free.size, free)
+    ident = identify(a[np.ix_(free, free)], red, transform=to_u)
     cov_x[np.ix_(free, free)] = ident.covariance(red)
     t = np.zeros((jtj_full.shape[0], free.size))
     t[:p, :p] = np.eye(p)

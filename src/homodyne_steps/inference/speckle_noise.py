@@ -57,7 +57,7 @@ from homodyne_steps.errors import DataError
 from homodyne_steps.inference.curvature import curvature_adjustment
 from homodyne_steps.inference.identification import identify, weakly_identified
 from homodyne_steps.inference.likelihood import full_system
-from homodyne_steps.inference.lm import FitResult, Problem
+from homodyne_steps.inference.lm import FitResult, Problem, rates_transform
 from homodyne_steps.io.serialise import finite_or_none
 from homodyne_steps.physics.model import g1_sq, g1_sq_and_jacobian
 from homodyne_steps.physics.registry import Registry
@@ -266,10 +266,16 @@ def speckle_covariance(
     t_z = np.zeros((p + matrix.shape[0], n_free + matrix.shape[1]))
     t_z[:p, :n_free] = np.eye(p)[:, free]
     t_z[p:, n_free:] = matrix
-    ident = identify(t_z.T @ normal @ t_z)
-    cov_z = ident.inverse @ (t_z.T @ meat @ t_z) @ ident.inverse
-    cov_z[ident.unidentified, :] = np.nan
-    cov_z[:, ident.unidentified] = np.nan
+    # judged with the power laws in rates coordinates u (z = T u): see identify
+    z_from_u = rates_transform(prob, result.physical, p + matrix.shape[1],
+                               np.r_[free, np.ones(matrix.shape[1], bool)])  # fmt: skip
+    t_u = t_z @ z_from_u
+    ident_u = identify(t_u.T @ normal @ t_u)
+    cov_u = ident_u.inverse @ (t_u.T @ meat @ t_u) @ ident_u.inverse
+    cov_z = z_from_u @ cov_u @ z_from_u.T
+    unidentified = np.any(z_from_u[:, ident_u.unidentified] != 0, axis=1)
+    cov_z[unidentified, :] = np.nan
+    cov_z[:, unidentified] = np.nan
     cov_full = t_z @ np.nan_to_num(cov_z) @ t_z.T
     unknown = np.any(t_z[:, ~np.isfinite(np.diag(cov_z))] != 0, axis=1)
     unknown[:p] |= ~free

@@ -62,6 +62,14 @@ class NlsqConvergence(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class NamedMatrix(Record):
+    """A parameter covariance or correlation; null where undefined (not identified)."""
+
+    names: list[str]
+    matrix: list[list[float | None]]
+
+
+@dataclass(frozen=True, kw_only=True)
 class NlsqParameters(Record):
     """``nlsq/parameters.json``, the NLSQ stage's sentinel (written last)."""
 
@@ -85,6 +93,9 @@ class NlsqParameters(Record):
     #: with speckle σ, how CMC's likelihood is calibrated to them
     #: (:mod:`homodyne_steps.inference.curvature`); null with independent σ
     curvature_adjustment: dict[str, Any] | None = ABSENT
+    #: the physical parameters' covariance as reported (older records lack it); the CMC
+    #: shards place their surrogate prior with it (:mod:`homodyne_steps.inference.surrogate`)
+    covariance: NamedMatrix = ABSENT
     convergence: NlsqConvergence
 
     @property
@@ -113,14 +124,6 @@ class DatasetInfo(Record):
     dt: float
     L: float
     phi_deg: list[float]
-
-
-@dataclass(frozen=True, kw_only=True)
-class NamedMatrix(Record):
-    """A parameter covariance or correlation; null where undefined (not identified)."""
-
-    names: list[str]
-    matrix: list[list[float | None]]
 
 
 @dataclass(frozen=True, kw_only=True)

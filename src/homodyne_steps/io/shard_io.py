@@ -61,6 +61,9 @@ class ShardSummary(Record):
     noise_scale: dict[str, Any] = ABSENT
     #: the parameters the NLSQ record's curvature adjustment moves; null: none
     curvature_adjustment: list[str] | None = ABSENT
+    #: where the surrogate prior G sits: center (θ), nlsq_optimum, distance_sd (the
+    #: move in the likelihood's sd), width_sd (:mod:`homodyne_steps.inference.surrogate`)
+    surrogate: dict[str, Any] | None = ABSENT
     num_chains: int = ABSENT
     num_warmup: int = ABSENT
     num_samples: int = ABSENT

@@ -11,12 +11,14 @@ the prior on D0 and D_offset that holds alpha there, a strongly non-Gaussian fac
 So the prior is applied once, after the combination, and exactly:
 
 1. Each shard targets L_k(θ(u)) · G(u)^(1/K) in the combination coordinates u, with G a
-   Gaussian *surrogate* prior in u (centred on the NLSQ optimum, 3 NLSQ standard
-   deviations wide: it keeps the target proper and near the data, and being Gaussian it
-   leaves the shard posteriors as Gaussian as the likelihood, which is close to
-   Gaussian in u). The power laws' bounds are not imposed on the shards (a shard cut
-   by a bound is not Gaussian); they act in the prior, after the combination. The
-   shards keep only the sign convention of the shear rate (:func:`shear_sign_ok`).
+   Gaussian *surrogate* prior in u (centred on the approximate posterior mode, NLSQ's
+   Gaussian likelihood times π, and 3 of its standard deviations wide,
+   :mod:`homodyne_steps.inference.surrogate`: it keeps the target proper and near the
+   posterior, and being Gaussian it leaves the shard posteriors as Gaussian as the
+   likelihood, which is close to Gaussian in u). The power laws' bounds are not
+   imposed on the shards (a shard cut by a bound is not Gaussian); they act in the
+   prior, after the combination. The shards keep only the sign convention of the shear
+   rate (:func:`shear_sign_ok`).
 2. The Gaussian consensus of the shards is then a draw of L·G^(K_used/K).
 3. Importance weights π(θ(u))·|∂θ/∂u| / G(u)^(K_used/K) (Pareto-smoothed) turn those
    draws into draws of the full posterior L·π; the Pareto k̂ says whether they can.

@@ -76,6 +76,39 @@ def rates_from_power_law(amplitude, exponent, offset, t_early, t_late):
     return amplitude * m_e + offset, amplitude * m_l + offset
 
 
+def rates_jacobian(names: Sequence[str], theta: Any, t: Any, free: Any = None) -> np.ndarray:
+    """∂θ/∂u at θ (p × p), u the rates coordinates of each power law in ``names`` (the
+    amplitude's column becomes f_early, the offset's f_late; the exponent and every other
+    parameter stay themselves); the identity for a law with a fixed member (``free``
+    False) or with its exponent at 0, where the map is singular.
+
+    In θ the amplitude's and the offset's columns of a Jacobian become collinear as the
+    exponent goes to 0 (t^e ≈ 1 + e·log t), so a normal matrix looks singular where the
+    data still fix f(t) well; in u it does not (:func:`homodyne_steps.inference.
+    identification.identify`, ``transform``).
+    """
+    names = list(names)
+    theta = np.asarray(theta, dtype=np.float64)
+    free = np.ones(theta.size, bool) if free is None else np.asarray(free, bool)
+    jac = np.eye(theta.size)
+    t_early, t_late = split_times(t)
+    for amp, exp_name, off, _ in POWER_LAWS:
+        if not {amp, exp_name, off} <= set(names):
+            continue
+        ka, ke, ko = (names.index(n) for n in (amp, exp_name, off))
+        a, e = theta[ka], theta[ke]
+        m_e, m_l = window_means(e, t_early, t_late)
+        gap = m_e - m_l
+        if not (free[ka] and free[ke] and free[ko]) or abs(gap) < 1e-12 * abs(m_e):
+            continue
+        dm_e = np.mean(t_early**e * np.log(t_early))  # ∂m/∂e
+        dm_l = np.mean(t_late**e * np.log(t_late))
+        da_de = -a * (dm_e - dm_l) / gap
+        jac[ka, [ka, ke, ko]] = 1.0 / gap, da_de, -1.0 / gap
+        jac[ko, [ka, ke, ko]] = 1.0 - m_e / gap, -(da_de * m_e + a * dm_e), m_e / gap
+    return jac
+
+
 def to_rates(draws: np.ndarray, names: Sequence[str], t_early, t_late) -> np.ndarray:
     """Draws (..., p) with columns ``names``: amplitude columns replaced by the early
     means and offset columns by the late means, for each power law present."""

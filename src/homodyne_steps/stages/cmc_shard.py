@@ -51,6 +51,7 @@ from homodyne_steps.inference.likelihood import (
 )
 from homodyne_steps.inference.noise import noise_scale_record
 from homodyne_steps.inference.shard_mode import ShardMode, shard_mode
+from homodyne_steps.inference.surrogate import likelihood_covariance, place_surrogate
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.io.record import or_none
@@ -64,7 +65,6 @@ from homodyne_steps.physics.cmc_space import (
     theta_from_w,
     w_from_theta,
     with_shear_convention,
-    with_surrogate,
 )
 from homodyne_steps.physics.coordinates import SHARDABLE_COORDINATES
 from homodyne_steps.physics.model import make_grid
@@ -88,7 +88,9 @@ class ShardInputs:
     scaling_matrix: np.ndarray
     scaling_fixed: np.ndarray
     space: SampledSpace  # physical parameters, then the sampled scaling
-    init_theta: np.ndarray  # start of the mode search (the NLSQ optimum), over space.names
+    #: start of the mode search (the surrogate's centre: the NLSQ optimum, moved by the
+    #: prior where the data leave a direction open), over space.names
+    init_theta: np.ndarray
     num_shards: int
     noise_scale: dict[str, Any]  # how σ was scaled (one treatment with NLSQ)
     points: tuple = ()  # (i, j, a, d, w) of the shard's blocks: constant over the sampling
@@ -96,6 +98,7 @@ class ShardInputs:
     #: (shards' sign convention); None: the likelihood as it is
     adjustment: tuple[np.ndarray, np.ndarray] | None = None
     adjusted: tuple[str, ...] = ()  # the parameters it moves
+    surrogate: dict[str, Any] | None = None  # where G sits (:func:`place_surrogate`)
 
 
 def _prior_arrays(names, registry: Registry, prior: PriorSettings, nlsq: NlsqParameters):
@@ -256,7 +259,8 @@ def prepare_shard(
     ]
     # the NLSQ optimum may have a negative mean shear rate; its mirror image has the same c2
     init_theta = with_shear_convention(np.array([*init_physical, *s_start]), space)
-    space = with_surrogate(space, init_theta, _surrogate_sd(nlsq_params, names, space))
+    cov_theta = _likelihood_covariance(nlsq_params, names, space, init_theta, init_physical)
+    space, start_theta, surrogate = place_surrogate(space, init_theta, cov_theta)
     # σ from the speckle model: the likelihood gets their curvature (module docstring)
     u_map, adjusted = adjustment_in(
         or_none(nlsq_params.curvature_adjustment), names, init_theta, init_physical,
@@ -274,12 +278,13 @@ def prepare_shard(
         scaling_matrix=smap.matrix,
         scaling_fixed=smap.fixed,
         space=space,
-        init_theta=init_theta,
+        init_theta=start_theta,
         num_shards=num_shards,
         noise_scale=noise_scale,
         points=tuple(gather_points(fit_data, jnp.asarray(blocks[0]))),
         adjustment=u_map,
         adjusted=adjusted,
+        surrogate=surrogate,
     )
 
 
@@ -300,15 +305,23 @@ def _shard_blocks(plan_indices: np.ndarray, shard: int, n_phi: int, n_t: int):
     return ids, np.where(local < ids.size, ids[np.minimum(local, ids.size - 1)], n_total)
 
 
-def _surrogate_sd(nlsq_params: NlsqParameters, names, space: SampledSpace) -> np.ndarray:
-    """θ widths of the surrogate prior: the NLSQ uncertainty where it exists, else the
-    prior's σ (the scaling parameters, or a parameter NLSQ could not determine)."""
+def _likelihood_covariance(nlsq_params: NlsqParameters, names, space, theta0, nlsq_theta):
+    """The likelihood's θ covariance for the surrogate: NLSQ's where it is defined (in
+    the shards' sign convention ``theta0``; entries that differ from ``nlsq_theta`` are
+    the mirror image); elsewhere the NLSQ σ, or the prior σ for
+    the scaling parameters and a parameter NLSQ could not determine."""
     sd = np.array(space.prior_sigma, dtype=np.float64)
     for k, n in enumerate(names):
         unc = nlsq_params.parameters[n].uncertainty
         if unc is not None and math.isfinite(unc) and unc > 0:
-            sd[k] = min(float(unc), sd[k])
-    return sd
+            sd[k] = float(unc)
+    recorded = or_none(nlsq_params.covariance)
+    block = None
+    if recorded is not None and list(recorded.names) == list(names):
+        block = np.array([[np.nan if x is None else x for x in row] for row in recorded.matrix])
+        signs = np.where(np.asarray(theta0)[: len(names)] == np.asarray(nlsq_theta), 1.0, -1.0)
+        block = block * np.outer(signs, signs)
+    return likelihood_covariance(space, len(names), block, sd)
 
 
 def noise_scale_from_nlsq(nlsq_params: NlsqParameters) -> dict[str, Any]:
@@ -593,6 +606,7 @@ def _shard_record(
         },
         "noise_scale": inp.noise_scale,
         "curvature_adjustment": list(inp.adjusted) if inp.adjustment is not None else None,
+        "surrogate": inp.surrogate,
         **sampling,
     }
 

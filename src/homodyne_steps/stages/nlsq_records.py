@@ -17,6 +17,7 @@ from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.fitted_io import write_fitted_data
 from homodyne_steps.io.nlsq_files import (
     AngleScaling,
+    NamedMatrix,
     NlsqConvergence,
     NlsqEstimate,
     NlsqParameters,
@@ -126,6 +127,9 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqPa
         uncertainty_convention=uncertainty_convention(out.uncertainty),
         noise_scale=noise_scale_record(r.reduced_chi_squared),
         curvature_adjustment=out.uncertainty.get("curvature_adjustment"),
+        covariance=NamedMatrix(
+            names=list(out.names), matrix=_finite_or_null(r.covariance_x[:p, :p])
+        ),
         convergence=NlsqConvergence(
             status=r.status,
             reason=r.reason,

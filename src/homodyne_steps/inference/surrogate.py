@@ -1,0 +1,132 @@
+r"""Where the CMC shards' surrogate prior G sits: at the approximate posterior mode.
+
+The shards sample L_k·G^(1/K) and the prior π is applied after the combination, with
+importance weights π/G (:mod:`homodyne_steps.physics.cmc_space`). That works when L·G
+and L·π put their mass in the same place. When the data fix D(t) over the measured
+window but not D0, alpha and D_offset separately, the likelihood is flat along a valley
+and its maximum may lie far out along it (measured on speckle files, 3 φ × 200 frames:
+12 of 30 NLSQ optima at the D0 bound 1e5 with D_offset ≈ −9e4, where π is ~e⁻⁴⁰⁰⁰ times
+its value at the truth). A G centred there, as wide as the likelihood, leaves every
+shard free to wander along the valley (to alpha ≈ 1.8, D0 < 0), the shard posteriors
+are far from Gaussian, and no combined draw lies inside the prior bounds.
+
+So G is centred on the mode of the *approximate posterior*: the likelihood as the
+Gaussian that NLSQ reports (mean θ̂, covariance Σ, carried to the combination
+coordinates u by J = ∂u/∂θ) times the prior π (its Gaussian factors, the bounds as a
+stiff penalty). Its widths are ``width`` × the approximate posterior's marginal sd
+(Gauss–Newton curvature of the same objective). Where the data dominate, the posterior
+is the likelihood and G is what it always was (θ̂ with NLSQ widths); along a valley the
+prior now holds G, and with it the shards, where the posterior is. The importance
+weights π/G still correct for every approximation made here (the Pareto k̂ says whether
+they can), so G's place changes the efficiency, not the target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+
+from homodyne_steps._jax import jax, jnp
+from homodyne_steps.physics.cmc_space import (
+    COMBINATION,
+    SURROGATE_WIDTH,
+    SampledSpace,
+    shear_sign_ok,
+    theta_from_w,
+    w_from_theta,
+)
+
+_BOUND_STIFFNESS = 1e6  # penalty per (prior σ)² beyond a bound: G's centre stays inside
+
+
+def likelihood_covariance(
+    space: SampledSpace, n_physical: int, covariance: Any, sd: Any
+) -> np.ndarray:
+    """Σ over ``space.names``: NLSQ's covariance of the first ``n_physical`` parameters
+    where it is finite (rows with an undefined entry keep only their own ``sd``), then
+    ``sd`` alone (no correlation) for the rest. ``sd`` are the θ widths used where the
+    covariance says nothing (the prior σ of a parameter NLSQ could not determine)."""
+    sd = np.asarray(sd, dtype=np.float64)
+    cov = np.diag(sd**2)
+    if covariance is not None:
+        block = np.asarray(covariance, dtype=np.float64).reshape(n_physical, n_physical)
+        diag = np.diag(block)
+        idx = np.flatnonzero(np.isfinite(diag) & (diag > 0))
+        idx = idx[np.all(np.isfinite(block[np.ix_(idx, idx)]), axis=1)]
+        cov[np.ix_(idx, idx)] = block[np.ix_(idx, idx)]
+    return cov
+
+
+def place_surrogate(
+    space: SampledSpace, theta_hat: Any, cov_theta: Any, width: float = SURROGATE_WIDTH
+) -> tuple[SampledSpace, np.ndarray, dict[str, Any]]:
+    """(``space`` with G, the approximate posterior mode θ_c, a record of the move).
+
+    ``theta_hat`` (inside the bounds, the shards' sign convention) and ``cov_theta``
+    (p × p over ``space.names``) are the likelihood's Gaussian summary.
+    """
+    theta_hat = np.asarray(theta_hat, dtype=np.float64)
+
+    def to_u(th):
+        return w_from_theta(th, space, COMBINATION)
+
+    u_hat = np.asarray(to_u(jnp.asarray(theta_hat)))
+    jac = np.asarray(jax.jacfwd(to_u)(jnp.asarray(theta_hat)))
+    v_u = jac @ np.asarray(cov_theta, dtype=np.float64) @ jac.T
+    scale = np.sqrt(np.diag(v_u))
+    if not (np.all(np.isfinite(u_hat)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
+        raise ValueError(
+            f"cannot centre the shards' surrogate prior near {theta_hat.tolist()}: a value on "
+            "a bound or a zero or undefined width"
+        )
+    # the likelihood's precision in s = (u − û)/scale; directions it does not fix get ~0
+    eig, vec = np.linalg.eigh(v_u / np.outer(scale, scale))
+    precision = (vec / np.maximum(eig, 1e-12)) @ vec.T
+    prior_sd = np.where(np.isfinite(space.prior_sigma), space.prior_sigma, np.inf)
+
+    def theta_of(s):
+        return theta_from_w(jnp.asarray(u_hat) + s * scale, space, COMBINATION)
+
+    def objective(s):
+        th = theta_of(s)
+        z_prior = jnp.where(np.isfinite(prior_sd), (th - space.prior_mu) / prior_sd, 0.0)
+        below = jnp.where(np.isfinite(space.lower), jnp.maximum(space.lower - th, 0.0), 0.0)
+        above = jnp.where(np.isfinite(space.upper), jnp.maximum(th - space.upper, 0.0), 0.0)
+        outside = (below + above) / jnp.where(np.isfinite(prior_sd), prior_sd, 1.0)
+        return 0.5 * (
+            s @ precision @ s + jnp.sum(z_prior**2) + _BOUND_STIFFNESS * jnp.sum(outside**2)
+        )
+
+    value_and_grad = jax.jit(jax.value_and_grad(objective))
+    res = minimize(
+        lambda s: tuple(np.asarray(v, dtype=np.float64) for v in value_and_grad(jnp.asarray(s))),
+        np.zeros(space.size), jac=True, method="BFGS", options={"maxiter": 500, "gtol": 1e-8},
+    )  # fmt: skip
+    s_c = np.asarray(res.x, dtype=np.float64)
+    u_c = u_hat + s_c * scale
+    theta_c = np.asarray(theta_of(jnp.asarray(s_c)))
+    inside = np.all((theta_c >= space.lower) & (theta_c <= space.upper))
+    if not (np.all(np.isfinite(theta_c)) and inside and bool(shear_sign_ok(u_c, space))):
+        s_c, u_c, theta_c = np.zeros(space.size), u_hat, theta_hat  # keep the NLSQ optimum
+    # Gauss–Newton curvature at the centre: likelihood + the prior's Gaussian factors
+    a = np.asarray(jax.jacfwd(theta_of)(jnp.asarray(s_c)))
+    w_prior = np.where(np.isfinite(prior_sd), 1.0 / prior_sd**2, 0.0)
+    post_cov = np.linalg.pinv(precision + a.T @ (w_prior[:, None] * a), hermitian=True)
+    sd_u = width * scale * np.sqrt(np.clip(np.diag(post_cov), 0.0, None))
+    if not (np.all(np.isfinite(sd_u)) and np.all(sd_u > 0)):
+        raise ValueError(f"the shards' surrogate prior has a zero or undefined width: {sd_u}")
+    distance = float(np.sqrt(s_c @ precision @ s_c))
+    record = {
+        "center": dict(zip(space.names, map(float, theta_c), strict=True)),
+        "nlsq_optimum": dict(zip(space.names, map(float, theta_hat), strict=True)),
+        "distance_sd": distance if math.isfinite(distance) else None,
+        "width_sd": float(width),
+    }
+    return replace(space, surrogate_mu=u_c, surrogate_sd=sd_u), theta_c, record
+
+
+__all__ = ["likelihood_covariance", "place_surrogate"]

@@ -1,0 +1,78 @@
+"""Where the CMC shards' surrogate prior sits (inference/surrogate.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from homodyne_steps.inference.surrogate import likelihood_covariance, place_surrogate
+from homodyne_steps.physics.cmc_space import make_space, w_from_theta
+
+T = 0.1 * np.arange(1, 201)  # s: the static reference case's 200 frames
+STATIC = ["D0", "alpha", "D_offset"]
+LO, HI = np.array([1e2, -2.0, -1e5]), np.array([1e5, 2.0, 1e5])
+MU, SD = np.array([1e4, 0.0, 0.0]), np.array([1e4, 0.5, 1e3])  # the registry's priors
+
+
+def test_conjugate_case_matches_the_closed_form_posterior():
+    # unbounded parameters: u = θ, the likelihood N(m, V) times the prior N(μ, s²) is a
+    # Gaussian with precision V⁻¹ + s⁻² (computed here by hand, not by the module)
+    space = make_space(["a", "b"], [-np.inf] * 2, [np.inf] * 2, [0.0, 5.0], [2.0, 1.0])
+    m = np.array([3.0, 1.0])
+    v = np.array([[1.0, 0.6], [0.6, 4.0]])
+    placed, centre, record = place_surrogate(space, m, v, width=3.0)
+    prec = np.linalg.inv(v) + np.diag(1.0 / np.array([2.0, 1.0]) ** 2)
+    post_cov = np.linalg.inv(prec)
+    mode = post_cov @ (np.linalg.inv(v) @ m + np.array([0.0, 5.0]) / np.array([4.0, 1.0]))
+    np.testing.assert_allclose(centre, mode, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(placed.surrogate_mu, mode, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(placed.surrogate_sd, 3.0 * np.sqrt(np.diag(post_cov)), rtol=1e-6)
+    d = mode - m
+    assert record["distance_sd"] == pytest.approx(float(np.sqrt(d @ np.linalg.solve(v, d))))
+
+
+def test_a_well_determined_optimum_keeps_its_place_and_width():
+    space = make_space(STATIC, LO, HI, MU, SD, t=T)
+    theta_hat = np.array([1.2e4, -0.35, 900.0])
+    sd = np.array([300.0, 0.01, 40.0])  # the data dominate the prior by ~30×
+    cov = np.diag(sd**2)
+    placed, centre, record = place_surrogate(space, theta_hat, cov)
+    assert np.all(np.abs(centre - theta_hat) < 0.05 * sd)
+    assert record["distance_sd"] < 0.05
+    jac_sd = np.asarray(w_from_theta(theta_hat + sd * np.eye(3), space, "rates")) - np.asarray(
+        w_from_theta(theta_hat, space, "rates")
+    )
+    wide = 3.0 * np.sqrt(np.sum(jac_sd**2, axis=0))  # the old rule: 3 NLSQ sd, uncorrelated
+    assert np.all(placed.surrogate_sd <= 1.05 * wide)
+    assert np.all(placed.surrogate_sd >= 0.5 * 3.0 * np.abs(np.diag(jac_sd)))
+
+
+def test_an_optimum_far_along_the_valley_is_pulled_back_inside_the_prior():
+    # seed 5 of the static speckle set: NLSQ at the D0 bound, D_offset ≈ −9e4, with the
+    # speckle covariance it reported (a valley a million Å²/s long)
+    space = make_space(STATIC, LO, HI, MU, SD, t=T)
+    theta_hat = np.array([1e5, -0.0298, -87305.7])
+    cov = np.array([
+        [3.1535e12, 9.898e5, -3.15687e12],
+        [9.898e5, 0.31076, -9.9088e5],
+        [-3.15687e12, -9.9088e5, 3.16027e12],
+    ])  # fmt: skip
+    rates_hat = np.asarray(w_from_theta(theta_hat, space, "rates"))
+    placed, centre, record = place_surrogate(space, theta_hat, cov)
+    assert np.all(centre > LO) and np.all(centre < HI)
+    assert abs(centre[2]) < 3 * SD[2]  # D_offset back within its prior
+    assert centre[1] < 0 and centre[0] < 5e4
+    # the data-determined rates (D over the early and late halves) hardly move
+    rates_c = np.asarray(w_from_theta(centre, space, "rates"))
+    assert abs(rates_c[0] - rates_hat[0]) < 0.5 * np.sqrt(cov[0, 0]) * 1e-2 + 2e3
+    assert 0.1 < record["distance_sd"] < 3.0  # a long move, cheap along the valley
+    assert np.all(np.isfinite(placed.surrogate_sd)) and np.all(placed.surrogate_sd > 0)
+
+
+def test_likelihood_covariance_keeps_only_defined_rows():
+    space = make_space(STATIC, LO, HI, MU, SD, t=T)
+    block = np.array([[4.0, 1.0, np.nan], [1.0, 9.0, np.nan], [np.nan, np.nan, np.nan]])
+    cov = likelihood_covariance(space, 3, block, np.array([2.0, 3.0, 7.0]))
+    np.testing.assert_array_equal(cov, [[4.0, 1.0, 0.0], [1.0, 9.0, 0.0], [0.0, 0.0, 49.0]])
+    assert np.array_equal(likelihood_covariance(space, 3, None, [1.0, 2.0, 3.0]),
+                          np.diag([1.0, 4.0, 9.0]))  # fmt: skip
