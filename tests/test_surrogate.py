@@ -76,3 +76,17 @@ def test_likelihood_covariance_keeps_only_defined_rows():
     np.testing.assert_array_equal(cov, [[4.0, 1.0, 0.0], [1.0, 9.0, 0.0], [0.0, 0.0, 49.0]])
     assert np.array_equal(likelihood_covariance(space, 3, None, [1.0, 2.0, 3.0]),
                           np.diag([1.0, 4.0, 9.0]))  # fmt: skip
+
+
+def test_draws_beyond_the_bounds_are_named_in_the_error():
+    from homodyne_steps.inference.consensus import apply_prior
+    from homodyne_steps.io.shard_io import ShardError
+
+    space = make_space(STATIC, LO, HI, MU, SD, t=T)
+    placed, _, _ = place_surrogate(space, np.array([1.2e4, -0.35, 900.0]),
+                                   np.diag([3e3, 0.1, 400.0]) ** 2)  # fmt: skip
+    # the shards' answer at alpha ≈ 1.8 with D0 < 0 (seen on a static speckle file)
+    theta = np.random.default_rng(1).normal([-20.0, 1.8, 6000.0], [5.0, 0.05, 300.0], (2, 40, 3))
+    u = np.asarray(w_from_theta(theta, space, "rates"))
+    with pytest.raises(ShardError, match=r"D0 below 100 in 100% of the draws.*at_bound"):
+        apply_prior(u, placed, 3, 1.0)

@@ -427,10 +427,7 @@ def apply_prior(
     log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
     inside = np.isfinite(log_w)
     if not inside.any():
-        raise ShardError(
-            "every combined draw lies outside the prior bounds: the data and the prior "
-            "do not overlap"
-        )
+        raise ShardError(_outside_bounds(draws_u[..., :n_joint], space))
     flat = log_w.reshape(-1)
     smoothed, k_hat = az.psislw(np.where(inside.reshape(-1), flat, -1e300), reff=1.0)
     weights = np.exp(smoothed - smoothed.max()).reshape(C, D)
@@ -454,6 +451,25 @@ def apply_prior(
         ),
     }
     return out, record
+
+
+def _outside_bounds(draws_u: np.ndarray, space: SampledSpace) -> str:
+    """Why no combined draw can carry the prior: which bounds the draws cross."""
+    theta = np.asarray(theta_from_w(draws_u, space, COMBINATION)).reshape(-1, space.size)
+    crossed = []
+    for j, name in enumerate(space.names):
+        lo, hi = space.lower[j], space.upper[j]
+        for side, out, bound in (("below", theta[:, j] < lo, lo), ("above", theta[:, j] > hi, hi)):
+            if out.any():
+                crossed.append(f"{name} {side} {bound:g} in {out.mean():.0%} of the draws")
+    return (
+        "every combined draw lies outside the prior bounds ("
+        + ("; ".join(crossed) or "the shear sign convention")
+        + "): the shards' likelihood sits beyond them. The usual cause is data that fix "
+        "D(t) (or γ̇(t)) but not its parts, with the NLSQ optimum on a bound "
+        "(parameters.json `at_bound`, `weakly_identified`): fix alpha (or beta), widen the "
+        "bounds, or report the NLSQ result with those flags"
+    )
 
 
 def resample_within_chains(

@@ -376,8 +376,10 @@ def valley_jump(prob: Problem, cur: _Iterate, x_back: np.ndarray, p: int):
         if on_bound[list(group)].any():
             step[list(group)] = 0.0
     step[on_bound] = 0.0
-    inside = lambda x: bool(np.all(np.isfinite(x)) and np.all(x >= prob.lower)  # noqa: E731
-                            and np.all(x <= prob.upper))  # fmt: skip
+
+    def inside(x) -> bool:
+        return bool(np.all(np.isfinite(x)) and np.all((x >= prob.lower) & (x <= prob.upper)))
+
     best, best_chi2, last_ok = None, cur.chi2, 1.0
     for stride in VALLEY_STRIDES:
         x_try = to_x(u_now + (stride - 1.0) * step)
