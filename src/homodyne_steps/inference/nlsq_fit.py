@@ -62,6 +62,7 @@ class NlsqOutcome:
     #: how the covariance was computed (``nlsq.uncertainty``)
     uncertainty: dict[str, Any] = field(default_factory=lambda: {"method": "independent"})
     start: dict[str, Any] = field(default_factory=dict)  # how the start was chosen
+    times_s: np.ndarray | None = None  # the measured times (the intervals' rates windows)
 
 
 @dataclass
@@ -255,6 +256,7 @@ def _outcome(prep, prob, result, phi, s, diag, strategy, registry, extra=None) -
         model=prep.model,
         uncertainty=uncertainty,
         start=prep.start,
+        times_s=np.asarray(prep.grid.t_safe),
     )
     for k, v in (extra or {}).items():
         setattr(out, k, v)

@@ -31,6 +31,10 @@ class NlsqEstimate(Record):
     #: σ wider than a quarter of the bound range (in log for D0, γ̇0): the data fix it
     #: only weakly (:func:`homodyne_steps.inference.identification.weakly_identified`)
     weakly_identified: bool = ABSENT
+    #: central 68 % and 95 % intervals that follow the valley of the power laws
+    #: (:mod:`homodyne_steps.inference.intervals`); null without a σ
+    interval_68: list[float] | None = ABSENT
+    interval_95: list[float] | None = ABSENT
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from homodyne_steps import __version__
+from homodyne_steps.inference.intervals import valley_intervals
 from homodyne_steps.inference.nlsq_fit import NlsqOutcome
 from homodyne_steps.inference.noise import noise_scale_record, summary
 from homodyne_steps.io.dataset import XpcsData
@@ -87,6 +88,13 @@ def uncertainty_convention(used: dict[str, Any]) -> str:
 def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqParameters:
     r = out.result
     p = len(out.names)
+    intervals = (
+        valley_intervals(
+            out.names, r.physical, r.covariance_x[:p, :p], out.times_s, *registry.bounds(out.names)
+        )  # fmt: skip
+        if out.times_s is not None
+        else {}
+    )
     c_unc = np.sqrt(np.abs(np.diag(r.covariance)))[p : p + out.phi_deg.size]
     o_unc = np.sqrt(np.abs(np.diag(r.covariance)))[p + out.phi_deg.size :]
     flags = scaling_flags(r.contrast, r.offset, registry)
@@ -103,6 +111,8 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqPa
                 fixed=bool(not r.free[k]),
                 identified=name not in r.not_identified,
                 weakly_identified=name in r.weakly_identified,
+                interval_68=_interval(intervals, name, "68"),
+                interval_95=_interval(intervals, name, "95"),
             )
             for k, name in enumerate(out.names)
         },
@@ -139,6 +149,10 @@ def parameters_record(out: NlsqOutcome, registry: Registry = REGISTRY) -> NlsqPa
             weakly_identified=list(r.weakly_identified),
         ),
     )
+
+
+def _interval(intervals: dict, name: str, level: str) -> list[float] | None:
+    return list(intervals[name][level]) if name in intervals else None
 
 
 def _finite_or_null(matrix: np.ndarray) -> list[list[float | None]]:
