@@ -21,8 +21,9 @@ The objective is :class:`Problem` (χ², JᵀJ and Jᵀr from the per-angle stat
   valley the data do not determine: speckle-level data put the minimum of
   D0 t^alpha + D_offset or of the shear law far along it, and Gauss–Newton steps then
   shrink to a crawl; the identification verdict below says what the data fix);
-- :func:`valley_jump`: every 20 iterations, the last window's displacement extrapolated
-  in the power laws' rates coordinates, where that valley is nearly straight;
+- :func:`~homodyne_steps.inference.valley.valley_jump`: every 20 iterations, the last
+  window's displacement extrapolated in the power laws' rates coordinates, where that
+  valley is nearly straight;
 - :func:`_finish`: the covariance and the verdict.
 
 Uncertainties: cov = (JᵀJ)⁻¹ · χ²_red over the free parameters (scipy's
@@ -45,6 +46,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -61,13 +63,8 @@ from homodyne_steps.inference.likelihood import (
     schur_theta,
 )
 from homodyne_steps.inference.nlsq_settings import SolverSettings
-from homodyne_steps.physics.coordinates import (
-    POWER_LAWS,
-    power_law_from_rates,
-    rates_from_power_law,
-    rates_jacobian,
-    split_times,
-)
+from homodyne_steps.inference.valley import valley_jump
+from homodyne_steps.physics.coordinates import rates_jacobian
 from homodyne_steps.physics.model import KernelGrid
 from homodyne_steps.physics.scaling import ScalingMap
 
@@ -327,79 +324,6 @@ def _search(prob: Problem, cur: _Iterate, a_u, g_u, free, lam: float, nu: float,
             return False, x_new, du, lam, nu
 
 
-VALLEY_STRIDES = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # multiples of the last window
-
-
-def _valley_coordinates(prob: Problem, p: int):
-    """(x → u, u → x): each power law whose members are all free in its rates
-    coordinates (:mod:`homodyne_steps.physics.coordinates`), the rest unchanged."""
-    names = list(prob.names[:p])
-    t_early, t_late = split_times(prob.grid.t_safe)
-    groups = [
-        tuple(names.index(n) for n in (amp, exp_name, off))
-        for amp, exp_name, off, _ in POWER_LAWS
-        if {amp, exp_name, off} <= set(names)
-        and not prob.fixed[[names.index(n) for n in (amp, exp_name, off)]].any()
-    ]
-
-    def to_u(x):
-        u = np.array(x, dtype=np.float64)
-        for ka, ke, ko in groups:
-            u[ka], u[ko] = rates_from_power_law(x[ka], x[ke], x[ko], t_early, t_late)
-        return u
-
-    def to_x(u):
-        x = np.array(u, dtype=np.float64)
-        for ka, ke, ko in groups:
-            x[ka], x[ko], _ = power_law_from_rates(u[ka], u[ko], u[ke], t_early, t_late)
-        return x
-
-    return to_u, to_x, groups
-
-
-def valley_jump(prob: Problem, cur: _Iterate, x_back: np.ndarray, p: int):
-    """A point further along the way the fit crept over its last iterations, or None.
-
-    Where the data fix D(t) (or γ̇(t)) but hardly its parts, Levenberg–Marquardt creeps:
-    the valley of (D0, alpha, D_offset) is curved, each Gauss–Newton step leaves it and
-    is cut short, and hundreds of iterations move the parameters a few per cent (1392
-    iterations on one laminar speckle file). In the rates coordinates the valley is
-    nearly straight, so the displacement of the last window, extrapolated there by
-    :data:`VALLEY_STRIDES`, stays in it. The longest stride that keeps lowering χ² (value
-    passes only) is taken; a stride that leaves the bounds is shortened to them, and a
-    law with a member on a bound stays where it is.
-    """
-    to_u, to_x, groups = _valley_coordinates(prob, p)
-    u_now, step = to_u(cur.x), to_u(cur.x) - to_u(x_back)
-    on_bound = (cur.x <= prob.lower) | (cur.x >= prob.upper)
-    for group in groups:  # a law held by a bound (D0 on 1e5) stays; the others may go on
-        if on_bound[list(group)].any():
-            step[list(group)] = 0.0
-    step[on_bound] = 0.0
-
-    def inside(x) -> bool:
-        return bool(np.all(np.isfinite(x)) and np.all((x >= prob.lower) & (x <= prob.upper)))
-
-    best, best_chi2, last_ok = None, cur.chi2, 1.0
-    for stride in VALLEY_STRIDES:
-        x_try = to_x(u_now + (stride - 1.0) * step)
-        if not inside(x_try):  # shorten to the bounds (bisection on the stride)
-            lo, hi = last_ok, stride
-            for _ in range(30):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if inside(to_x(u_now + (mid - 1.0) * step)) else (lo, mid)
-            x_try = to_x(u_now + (lo - 1.0) * step)
-            if lo <= last_ok or not inside(x_try):
-                break
-        chi2 = _trial_chi2(prob, cur, x_try, p)
-        if not is_decrease(best_chi2, chi2):
-            break
-        best, best_chi2, last_ok = x_try, chi2, stride
-        if not inside(to_x(u_now + (stride - 1.0) * step)):
-            break  # landed on a bound
-    return best
-
-
 def levenberg_marquardt(
     prob: Problem, theta0: np.ndarray, psi0: np.ndarray, settings: SolverSettings | None = None
 ) -> FitResult:
@@ -451,7 +375,10 @@ def levenberg_marquardt(
             status, reason = "converged", "xtol: scaled step below tolerance"
             break
         if iterations % DRIFT_WINDOW == 0 and len(recent) > DRIFT_WINDOW:
-            jumped = valley_jump(prob, cur, recent[0], p)
+            jumped = valley_jump(
+                cur.x, recent[0], cur.chi2, partial(_trial_chi2, prob, cur, p=p),
+                prob.names[:p], prob.grid.t_safe, prob.lower, prob.upper, prob.fixed,
+            )  # fmt: skip
             if jumped is not None:
                 cur = _evaluate(prob, jumped, p)
                 history.append(cur.chi2)
