@@ -24,6 +24,7 @@ they can), so G's place changes the efficiency, not the target.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +32,8 @@ import numpy as np
 from scipy.optimize import minimize
 
 from homodyne_steps._jax import jax, jnp
+from homodyne_steps.io.nlsq_files import NlsqParameters
+from homodyne_steps.io.record import or_none
 from homodyne_steps.physics.cmc_space import (
     COMBINATION,
     SURROGATE_WIDTH,
@@ -59,6 +62,27 @@ def likelihood_covariance(
         idx = idx[np.all(np.isfinite(block[np.ix_(idx, idx)]), axis=1)]
         cov[np.ix_(idx, idx)] = block[np.ix_(idx, idx)]
     return cov
+
+
+def nlsq_likelihood_covariance(
+    nlsq_params: NlsqParameters, names: Sequence[str], space: SampledSpace, theta0, nlsq_theta
+) -> np.ndarray:
+    """The likelihood's θ covariance for the surrogate: NLSQ's where it is defined (in
+    the shards' sign convention ``theta0``; entries that differ from ``nlsq_theta`` are
+    the mirror image); elsewhere the NLSQ σ, or the prior σ for
+    the scaling parameters and a parameter NLSQ could not determine."""
+    sd = np.array(space.prior_sigma, dtype=np.float64)
+    for k, n in enumerate(names):
+        unc = nlsq_params.parameters[n].uncertainty
+        if unc is not None and math.isfinite(unc) and unc > 0:
+            sd[k] = float(unc)
+    recorded = or_none(nlsq_params.covariance)
+    block = None
+    if recorded is not None and list(recorded.names) == list(names):
+        block = np.array([[np.nan if x is None else x for x in row] for row in recorded.matrix])
+        signs = np.where(np.asarray(theta0)[: len(names)] == np.asarray(nlsq_theta), 1.0, -1.0)
+        block = block * np.outer(signs, signs)
+    return likelihood_covariance(space, len(names), block, sd)
 
 
 def place_surrogate(
@@ -129,4 +153,4 @@ def place_surrogate(
     return replace(space, surrogate_mu=u_c, surrogate_sd=sd_u), theta_c, record
 
 
-__all__ = ["likelihood_covariance", "place_surrogate"]
+__all__ = ["likelihood_covariance", "nlsq_likelihood_covariance", "place_surrogate"]

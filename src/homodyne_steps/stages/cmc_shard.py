@@ -51,7 +51,7 @@ from homodyne_steps.inference.likelihood import (
 )
 from homodyne_steps.inference.noise import noise_scale_record
 from homodyne_steps.inference.shard_mode import ShardMode, shard_mode
-from homodyne_steps.inference.surrogate import likelihood_covariance, place_surrogate
+from homodyne_steps.inference.surrogate import nlsq_likelihood_covariance, place_surrogate
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.io.record import or_none
@@ -259,7 +259,7 @@ def prepare_shard(
     ]
     # the NLSQ optimum may have a negative mean shear rate; its mirror image has the same c2
     init_theta = with_shear_convention(np.array([*init_physical, *s_start]), space)
-    cov_theta = _likelihood_covariance(nlsq_params, names, space, init_theta, init_physical)
+    cov_theta = nlsq_likelihood_covariance(nlsq_params, names, space, init_theta, init_physical)
     space, start_theta, surrogate = place_surrogate(space, init_theta, cov_theta)
     # σ from the speckle model: the likelihood gets their curvature (module docstring)
     u_map, adjusted = adjustment_in(
@@ -303,25 +303,6 @@ def _shard_blocks(plan_indices: np.ndarray, shard: int, n_phi: int, n_t: int):
     # shard's point ids (padding N).
     local = angle_blocks(np.arange(ids.size)[None, :], ids // n_pairs, n_phi)
     return ids, np.where(local < ids.size, ids[np.minimum(local, ids.size - 1)], n_total)
-
-
-def _likelihood_covariance(nlsq_params: NlsqParameters, names, space, theta0, nlsq_theta):
-    """The likelihood's θ covariance for the surrogate: NLSQ's where it is defined (in
-    the shards' sign convention ``theta0``; entries that differ from ``nlsq_theta`` are
-    the mirror image); elsewhere the NLSQ σ, or the prior σ for
-    the scaling parameters and a parameter NLSQ could not determine."""
-    sd = np.array(space.prior_sigma, dtype=np.float64)
-    for k, n in enumerate(names):
-        unc = nlsq_params.parameters[n].uncertainty
-        if unc is not None and math.isfinite(unc) and unc > 0:
-            sd[k] = float(unc)
-    recorded = or_none(nlsq_params.covariance)
-    block = None
-    if recorded is not None and list(recorded.names) == list(names):
-        block = np.array([[np.nan if x is None else x for x in row] for row in recorded.matrix])
-        signs = np.where(np.asarray(theta0)[: len(names)] == np.asarray(nlsq_theta), 1.0, -1.0)
-        block = block * np.outer(signs, signs)
-    return likelihood_covariance(space, len(names), block, sd)
 
 
 def noise_scale_from_nlsq(nlsq_params: NlsqParameters) -> dict[str, Any]:
