@@ -14,19 +14,15 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from homodyne_steps.physics.coordinates import (
-    POWER_LAWS,
-    power_law_from_rates,
-    rates_from_power_law,
-    split_times,
-)
+from homodyne_steps.physics.coordinates import POWER_LAWS, from_rates, split_times, to_rates
 
 VALLEY_STRIDES = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # multiples of the last window
 
 
 def valley_coordinates(names: Sequence[str], t, fixed):
     """(x → u, u → x, groups): each power law in ``names`` (the first entries of x)
-    whose members are all free in its rates coordinates, everything else unchanged."""
+    whose members are all free in its rates coordinates (:func:`to_rates`), everything
+    else unchanged."""
     names = list(names)
     t_early, t_late = split_times(t)
     groups = [
@@ -35,20 +31,14 @@ def valley_coordinates(names: Sequence[str], t, fixed):
         if {amp, exp_name, off} <= set(names)
         and not np.asarray(fixed)[[names.index(n) for n in (amp, exp_name, off)]].any()
     ]
-
-    def to_u(x):
-        u = np.array(x, dtype=np.float64)
-        for ka, ke, ko in groups:
-            u[ka], u[ko] = rates_from_power_law(x[ka], x[ke], x[ko], t_early, t_late)
-        return u
-
-    def to_x(u):
-        x = np.array(u, dtype=np.float64)
-        for ka, ke, ko in groups:
-            x[ka], x[ko], _ = power_law_from_rates(u[ka], u[ko], u[ke], t_early, t_late)
-        return x
-
-    return to_u, to_x, groups
+    # a law with a fixed member keeps θ: hide its names from the rates map
+    moved = {k for g in groups for k in g}
+    shown = [n if k in moved else "" for k, n in enumerate(names)]
+    return (
+        lambda x: to_rates(x, shown, t_early, t_late),
+        lambda u: from_rates(u, shown, t_early, t_late),
+        groups,
+    )
 
 
 def valley_jump(
