@@ -30,6 +30,7 @@ from homodyne_steps.inference.lm import (
 )
 from homodyne_steps.inference.nlsq_settings import NlsqSettings
 from homodyne_steps.inference.noise import noise_sigma
+from homodyne_steps.inference.other_starts import checked_start, distinct_minima, latin_hypercube
 from homodyne_steps.inference.speckle_noise import fit_uncertainty
 from homodyne_steps.inference.start_values import search_start
 from homodyne_steps.inference.stratify import diagnose_counts
@@ -80,6 +81,7 @@ class _Prepared:
     model: ModelSettings
     diagonal: np.ndarray | None = None  # (P,) mean of the correlator's diagonal
     start: dict[str, Any] = field(default_factory=dict)  # how theta0 was chosen
+    given: np.ndarray | None = None  # free parameters started where the user (or registry) said
 
 
 def _prepare(
@@ -137,7 +139,20 @@ def _prepare(
         model,
         diagonal,
         start.to_record(names) if start else {"method": s.start if searched.any() else "given"},
+        ~fixed & ~(searched if start is not None else np.zeros_like(fixed)),
     )
+
+
+def _fit_from_data(prep: _Prepared, phi: np.ndarray, s: NlsqSettings, registry: Registry):
+    """The joint fit from the data's start over every free parameter (the check of a
+    fit from a given start, :func:`~homodyne_steps.inference.other_starts.checked_start`)."""
+    theta = np.where(prep.fixed, prep.theta0, [registry[n].default for n in prep.names])
+    lower, upper = registry.bounds(prep.names)
+    start = search_start(
+        prep.grid, prep.c2, prep.sigma_lag, prep.names, theta, ~prep.fixed, lower, upper
+    )
+    prob, psi0, _ = _problem(prep, phi, s, registry)
+    return levenberg_marquardt(prob, start.theta, psi0, s.solver), start.to_record(prep.names)
 
 
 def _blocks(prep: _Prepared, s: NlsqSettings) -> tuple[np.ndarray, dict[str, Any]]:
@@ -200,41 +215,6 @@ def _problem(prep: _Prepared, phi: np.ndarray, s: NlsqSettings, registry: Regist
     return prob, psi0, diag
 
 
-def _latin_hypercube(names, registry: Registry, n: int, seed: int) -> np.ndarray:
-    from scipy.stats import qmc
-
-    u = qmc.LatinHypercube(d=len(names), seed=seed).random(n)
-    out = np.empty_like(u)
-    for k, name in enumerate(names):
-        lo, hi = registry[name].bounds
-        if registry[name].log_scale:
-            out[:, k] = np.exp(np.log(lo) + u[:, k] * (np.log(hi) - np.log(lo)))
-        else:
-            out[:, k] = lo + u[:, k] * (hi - lo)
-    return out
-
-
-def _distinct(results: list[FitResult]) -> list[int]:
-    """Indices of results that are distinct minima: χ² apart by > 1, or any parameter
-    farther than 3 standard deviations (of the best fit) from every kept minimum."""
-    order = sorted(range(len(results)), key=lambda k: results[k].chi_squared)
-    best = results[order[0]]
-    sd = np.sqrt(np.abs(np.diag(best.covariance_x)))[: best.physical.size]
-    kept: list[int] = []
-    for k in order:
-        r = results[k]
-        if not np.isfinite(r.chi_squared):
-            continue
-        same = any(
-            abs(r.chi_squared - results[m].chi_squared) <= 1.0
-            and np.all(np.abs(r.physical - results[m].physical) <= 3 * np.where(sd > 0, sd, np.inf))
-            for m in kept
-        )
-        if not same:
-            kept.append(k)
-    return kept
-
-
 def _outcome(prep, prob, result, phi, s, diag, strategy, registry, extra=None) -> NlsqOutcome:
     p = len(prep.names)
     result, uncertainty = fit_uncertainty(
@@ -275,15 +255,21 @@ def fit_joint(
     phi = np.asarray(data.phi_angles_list, dtype=np.float64)
     prob, psi0, diag = _problem(prep, phi, s, registry)
     result = levenberg_marquardt(prob, prep.theta0, psi0, s.solver)
+    if prep.given is not None and prep.given.any():
+        result, check = checked_start(
+            result, prep.names, lambda: _fit_from_data(prep, phi, s, registry)
+        )
+        if check is not None:
+            prep.start["check"] = check
     extra: dict[str, Any] = {}
     if s.multistart.enabled:
-        starts = _latin_hypercube(prep.names, registry, s.multistart.n_starts, s.multistart.seed)
+        starts = latin_hypercube(prep.names, registry, s.multistart.n_starts, s.multistart.seed)
         starts[:, prep.fixed] = prep.theta0[prep.fixed]
         results = [result]
         for theta in starts:
             prob_k, psi_k, _ = _problem(prep, phi, s, registry)
             results.append(levenberg_marquardt(prob_k, theta, psi_k, s.solver))
-        distinct = _distinct(results)
+        distinct = distinct_minima(results)
         best = min(results, key=lambda r: r.chi_squared if np.isfinite(r.chi_squared) else np.inf)
         extra["multistart"] = {
             "n_starts": len(results),
