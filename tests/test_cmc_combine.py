@@ -437,7 +437,8 @@ def test_combine_stage_writes_every_file_with_documented_keys(good_run):
     assert list(params["parameters"]) == ["D0", "alpha", "D_offset"]
     for entry in params["parameters"].values():
         assert set(entry) == {
-            "mean", "std", "hdi_3%", "hdi_97%", "r_hat", "ess_bulk", "ess_tail", "unit"
+            "mean", "std", "hdi_3%", "hdi_97%", "r_hat", "ess_bulk", "ess_tail",
+            "interval_68", "interval_95", "unit"
         }  # fmt: skip
     assert params["parameters"]["D0"]["unit"] == "Å²/s"
     assert len(params["per_angle"]) == 2 and "contrast" in params["per_angle"][0]
@@ -451,6 +452,11 @@ def test_combine_stage_writes_every_file_with_documented_keys(good_run):
         assert abs(e["mean"] - v) < 5 * STATIC_SD[n]
         assert e["std"] == pytest.approx(STATIC_SD[n], rel=0.2)
         assert e["hdi_3%"] < e["mean"] < e["hdi_97%"]
+        # the equal-tailed intervals of a near-Gaussian posterior: mean ± 1 and 1.96 sd
+        for key, z in (("interval_68", 0.994), ("interval_95", 1.96)):
+            lo, hi = e[key]
+            assert lo == pytest.approx(e["mean"] - z * e["std"], abs=0.2 * e["std"])
+            assert hi == pytest.approx(e["mean"] + z * e["std"], abs=0.2 * e["std"])
 
     analysis = _strict_json(out / "analysis_results_cmc.json")
     q = analysis["sampling_quality"]

@@ -59,7 +59,8 @@ def _flat_idata(draws: np.ndarray, names: Sequence[str]):
 
 
 def posterior_summary(draws: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-parameter mean, std, 94 % HDI, R-hat, bulk and tail ESS (ArviZ), as arrays."""
+    """Per-parameter mean, std, 94 % HDI, R-hat, bulk and tail ESS (ArviZ) and the
+    equal-tailed 68 % and 95 % intervals, as arrays."""
     import warnings
 
     import arviz as az
@@ -82,6 +83,9 @@ def posterior_summary(draws: np.ndarray, names: Sequence[str]) -> dict[str, np.n
         else np.zeros(draws.shape[2]),
         "hdi_3%": np.array([float(hdi[n].sel(hdi="lower")) for n in names]),
         "hdi_97%": np.array([float(hdi[n].sel(hdi="higher")) for n in names]),
+        # (P, 2): equal-tailed 68 % and 95 % intervals
+        "interval_68": np.quantile(draws, [0.16, 0.84], axis=(0, 1)).T,
+        "interval_95": np.quantile(draws, [0.025, 0.975], axis=(0, 1)).T,
         "r_hat": col(rhat),
         "ess_bulk": col(ess_bulk),
         "ess_tail": col(ess_tail),

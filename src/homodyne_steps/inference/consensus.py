@@ -87,6 +87,18 @@ def _stack_draws(shard_draws: Sequence[np.ndarray], labels: Sequence[Any] | None
     return np.stack(arrays)
 
 
+DEGENERATE_EIGENVALUE = 1e-9  # smallest eigenvalue of a shard's draw correlation matrix
+
+
+def spans_every_direction(cov: np.ndarray) -> bool:
+    """Whether a sample covariance has full rank, judged on its correlation matrix's
+    smallest eigenvalue (round-off lets Cholesky pass a rank-deficient one)."""
+    sd = np.sqrt(np.clip(np.diagonal(cov), 0.0, None))
+    if not np.all(sd > 0):
+        return False
+    return float(np.linalg.eigvalsh(cov / np.outer(sd, sd))[0]) > DEGENERATE_EIGENVALUE
+
+
 def consensus_mc(
     shard_draws: Sequence[np.ndarray], *, labels: Sequence[Any] | None = None
 ) -> np.ndarray:
@@ -121,6 +133,8 @@ def consensus_mc(
     weighted = np.zeros((C * D, p))
     for k in range(K):
         try:
+            if not spans_every_direction(covs_z[k]):  # Cholesky may pass it on round-off
+                raise np.linalg.LinAlgError
             chol = np.linalg.cholesky(covs_z[k])
         except np.linalg.LinAlgError:
             raise ShardError(
@@ -259,9 +273,6 @@ def robust_exclusion(
     return kept, reasons
 
 
-DEGENERATE_EIGENVALUE = 1e-9  # smallest eigenvalue of a shard's draw correlation matrix
-
-
 def degenerate_exclusion(
     shard_draws: Sequence[np.ndarray],
 ) -> tuple[np.ndarray, list[str | None]]:
@@ -275,11 +286,7 @@ def degenerate_exclusion(
     reasons: list[str | None] = []
     for draws in shard_draws:
         flat = np.asarray(draws, dtype=np.float64).reshape(-1, draws.shape[-1])
-        cov = np.atleast_2d(np.cov(flat, rowvar=False)) if flat.shape[0] > 1 else None
-        sd = np.sqrt(np.clip(np.diagonal(cov), 0.0, None)) if cov is not None else None
-        ok = cov is not None and bool(np.all(sd > 0))
-        # rank from the correlation matrix: round-off lets Cholesky pass a rank-deficient one
-        ok = ok and float(np.linalg.eigvalsh(cov / np.outer(sd, sd))[0]) > DEGENERATE_EIGENVALUE
+        ok = flat.shape[0] > 1 and spans_every_direction(np.atleast_2d(np.cov(flat, rowvar=False)))
         reasons.append(
             None
             if ok

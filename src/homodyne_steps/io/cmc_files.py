@@ -69,7 +69,8 @@ class CmcPlan(Record):
 @dataclass(frozen=True, kw_only=True)
 class PosteriorStats(Record):
     """One parameter's combined posterior: mean, std, 94 % HDI, R-hat, bulk and tail ESS
-    (each null where undefined: one chain, constant draws) and its unit."""
+    (each null where undefined: one chain, constant draws), its unit and its equal-tailed
+    intervals."""
 
     mean: float | None
     std: float | None
@@ -78,6 +79,10 @@ class PosteriorStats(Record):
     r_hat: float | None
     ess_bulk: float | None
     ess_tail: float | None
+    #: equal-tailed 68 % and 95 % credible intervals (the draws' 16/84 and 2.5/97.5 %
+    #: quantiles): under a bound-cut posterior mean ± sd is not the interval
+    interval_68: list[float] | None = ABSENT
+    interval_95: list[float] | None = ABSENT
     unit: str
 
 

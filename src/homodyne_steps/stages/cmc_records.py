@@ -94,8 +94,15 @@ def _n_phi(run: CombinedRun) -> int | None:
 # ---------------------------------------------------------------------------------------
 # parameters.json
 # ---------------------------------------------------------------------------------------
+INTERVAL_KEYS = ("interval_68", "interval_95")
+
+
 def _stat_entry(summary: Mapping[str, np.ndarray], j: int) -> dict[str, Any]:
-    return {key: finite_or_none(summary[key][j]) for key in STAT_KEYS}
+    entry = {key: finite_or_none(summary[key][j]) for key in STAT_KEYS}
+    for key in INTERVAL_KEYS:
+        bounds = np.asarray(summary[key][j], dtype=np.float64)
+        entry[key] = bounds.tolist() if np.all(np.isfinite(bounds)) else None
+    return entry
 
 
 def _per_angle(run: CombinedRun) -> list[dict[str, Any]] | None:
