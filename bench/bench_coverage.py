@@ -182,6 +182,10 @@ def main() -> None:
             for seed in range(1, args.runs + 1):
                 cmc_after = args.cmc_after if args.cmc else None
                 rows.append(one_run(name, seed, args.start, free, Path(tmp), cmc_after))
+                fits = rows[-1]["fits"]
+                print(f"{name} {seed}: " + ", ".join(
+                    f"{m} {f['status']} {f['seconds']:.0f} s" for m, f in fits.items()
+                ), flush=True)  # fmt: skip
         wall = time.perf_counter() - t_set
         methods = [*METHODS, *(["cmc"] if args.cmc else [])]
         report["sets"][name] = {"wall_s": wall, "runs": rows,
