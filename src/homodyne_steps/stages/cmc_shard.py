@@ -31,7 +31,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -51,7 +51,11 @@ from homodyne_steps.inference.likelihood import (
 )
 from homodyne_steps.inference.noise import noise_scale_record
 from homodyne_steps.inference.shard_mode import ShardMode, shard_mode
-from homodyne_steps.inference.surrogate import nlsq_likelihood_covariance, place_surrogate
+from homodyne_steps.inference.surrogate import (
+    likelihood_maximum,
+    nlsq_likelihood_covariance,
+    place_surrogate,
+)
 from homodyne_steps.io.dataset import XpcsData
 from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.io.record import or_none
@@ -266,7 +270,7 @@ def prepare_shard(
         or_none(nlsq_params.curvature_adjustment), names, init_theta, init_physical,
         lambda th: w_from_theta(th, space, COMBINATION), np.asarray(space.prior_sigma) ** 2,
     )  # fmt: skip
-    return ShardInputs(
+    inp = ShardInputs(
         mode=mode,
         names=names,
         model=model,
@@ -286,6 +290,47 @@ def prepare_shard(
         adjusted=adjusted,
         surrogate=surrogate,
     )
+    return _anchored(inp, plan_indices, fit_data, data.n_t, cov_theta)
+
+
+#: points of the plan the likelihood's maximum is found on (a larger plan: its first
+#: shards, each a random sample of every angle, the likelihood scaled up)
+REFERENCE_POINTS = 200_000
+
+
+def _anchored(inp: ShardInputs, plan_indices, fit_data, n_t: int, cov_theta) -> ShardInputs:
+    """``inp`` with the curvature adjustment centred on the likelihood's maximum in u
+    (:func:`~homodyne_steps.inference.surrogate.likelihood_maximum`) and G placed from
+    there; every shard finds the same maximum on the same points. Unchanged without an
+    adjustment or where NLSQ's optimum already is the maximum."""
+    if inp.adjustment is None:
+        return inp
+    n_total = inp.n_phi * (n_t * (n_t - 1) // 2)
+    rows = np.asarray(plan_indices, dtype=np.int64)
+    per_row = (rows < n_total).sum(axis=1)
+    n_rows = int(np.searchsorted(np.cumsum(per_row), REFERENCE_POINTS)) + 1
+    _, blocks = _shard_blocks(rows[:n_rows].reshape(1, -1), 0, inp.n_phi, n_t)
+    points = tuple(gather_points(fit_data, jnp.asarray(blocks[0])))
+    loglik = _loglik_fn(replace(inp, points=points, adjustment=None))
+    factor = float(per_row.sum() / per_row[:n_rows].sum())
+    space = inp.space
+
+    def loglik_u(u):
+        return factor * loglik(theta_from_w(u, space, COMBINATION))[0]
+
+    u0, matrix = inp.adjustment
+    u_max, record = likelihood_maximum(space, loglik_u, u0)
+    record["points"] = int(per_row[:n_rows].sum())
+    if u_max is None:
+        return replace(inp, surrogate={**inp.surrogate, "likelihood_maximum": record})
+    nlsq_theta = np.asarray(theta_from_w(jnp.asarray(u0), space, COMBINATION))
+    space, start_theta, surrogate = place_surrogate(space, nlsq_theta, cov_theta, u_max=u_max)
+    theta_max = np.asarray(theta_from_w(jnp.asarray(u_max), space, COMBINATION))
+    record["at"] = dict(zip(space.names, map(float, theta_max), strict=True))
+    return replace(
+        inp, space=space, init_theta=start_theta, adjustment=(u_max, matrix),
+        surrogate={**surrogate, "likelihood_maximum": record},
+    )  # fmt: skip
 
 
 def _shard_blocks(plan_indices: np.ndarray, shard: int, n_phi: int, n_t: int):
