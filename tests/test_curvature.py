@@ -96,6 +96,29 @@ def test_the_record_round_trips_and_a_broken_one_is_refused():
         adj.affine_map(("alpha",), np.zeros(1), np.ones(1), lambda th: th, np.ones(1))
 
 
+def test_covariances_singular_in_theta_only_to_round_off_keep_their_adjustment():
+    # D0 and D_offset moving together along the valley: in θ their correlation is 1 to
+    # within round-off (a correlation eigenvalue −2e-12 on a laminar speckle file, which
+    # Cholesky refuses); the shards build C in their own coordinates u instead
+    q = np.linalg.qr(np.random.default_rng(4).normal(size=(3, 3)))[0]
+    sd = np.array([6.7e5, 0.5, 6.7e5])
+
+    def covariance(smallest):
+        corr = q @ np.diag([smallest, 0.9, 2.1 - smallest]) @ q.T
+        corr /= np.sqrt(np.outer(np.diag(corr), np.diag(corr)))
+        return corr * np.outer(sd, sd)
+
+    cov_m, cov_t = covariance(1e-3) / 400.0, covariance(-2e-12)
+    with pytest.raises(np.linalg.LinAlgError):  # what used to drop the adjustment
+        adjustment_matrix(cov_m, cov_t)
+    adj = curvature_adjustment(NAMES, np.array([1e5, -0.02, -9e4]), cov_m, cov_t)
+    assert adj is not None and adj.parameters == NAMES
+    # indefinite beyond round-off: refused
+    assert (
+        curvature_adjustment(NAMES, np.array([1e5, -0.02, -9e4]), cov_m, covariance(-1e-4)) is None
+    )
+
+
 def test_cmc_with_the_adjustment_reports_the_target_covariance(tmp_path):
     """Model data (static reference, near-Gaussian posterior), an NLSQ record whose
     target covariance is 4 × its own (its σ doubled, as NLSQ writes them): the shard's

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from homodyne_steps.inference.surrogate import likelihood_covariance, place_surrogate
+from homodyne_steps._jax import jnp
+from homodyne_steps.inference.surrogate import (
+    likelihood_covariance,
+    likelihood_maximum,
+    place_surrogate,
+)
 from homodyne_steps.physics.cmc_space import make_space, w_from_theta
 
 T = 0.1 * np.arange(1, 201)  # s: the static reference case's 200 frames
@@ -97,3 +102,22 @@ def test_draws_beyond_the_bounds_are_named_in_the_error():
     u = np.asarray(w_from_theta(theta, space, "rates"))
     with pytest.raises(ShardError, match=r"D0 below 100 in 100% of the draws.*at_bound"):
         apply_prior(u, placed, 3, 1.0)
+
+
+def test_the_likelihood_maximum_is_found_beyond_the_bounds():
+    # a Gaussian log likelihood in the rates coordinates whose maximum lies where D0 < 0
+    # (as on static speckle files whose NLSQ optimum sits on the D0 bound): the shards
+    # have no bounds, so the adjustment's centre is there, not at the NLSQ optimum
+    space = make_space(STATIC, LO, HI, MU, SD, t=T)
+    u_star = np.asarray(w_from_theta(np.array([-8000.0, 0.3, 2.0e4]), space, "rates"))
+    width = np.array([50.0, 0.2, 80.0])
+
+    def loglik_u(u):
+        return -0.5 * jnp.sum(((u - u_star) / width) ** 2)
+
+    u_start = np.asarray(w_from_theta(np.array([1e5, -0.04, -8.5e4]), space, "rates"))
+    u_max, record = likelihood_maximum(space, loglik_u, u_start)
+    np.testing.assert_allclose(u_max, u_star, rtol=1e-6, atol=1e-6 * np.abs(u_star).max())
+    assert record["newton_status"] == "converged" and record["log_likelihood_gain"] > 0
+    # started on the maximum: no higher point, no new centre
+    assert likelihood_maximum(space, loglik_u, u_star)[0] is None
