@@ -14,11 +14,14 @@ So G is centred on the mode of the *approximate posterior*: the likelihood as th
 Gaussian that NLSQ reports (mean θ̂, covariance Σ, carried to the combination
 coordinates u by J = ∂u/∂θ) times the prior π (its Gaussian factors, the bounds as a
 stiff penalty). Its widths are ``width`` × the approximate posterior's marginal sd
-(Gauss–Newton curvature of the same objective). Where the data dominate, the posterior
-is the likelihood and G is what it always was (θ̂ with NLSQ widths); along a valley the
-prior now holds G, and with it the shards, where the posterior is. The importance
-weights π/G still correct for every approximation made here (the Pareto k̂ says whether
-they can), so G's place changes the efficiency, not the target.
+(Gauss–Newton curvature of the same objective), and its centre lies beyond that mode,
+away from the likelihood's maximum, by as much as puts the mode of L·G (what the
+shards sample) on it: a G wider than the posterior, centred on the mode, let the
+likelihood pull L·G ``width``² times as far off as it pulls the posterior. Where the
+data dominate, the posterior is the likelihood and G is what it always was (θ̂ with
+NLSQ widths); along a valley the prior now holds the shards where the posterior is.
+The importance weights π/G still correct for every approximation made here (the Pareto
+k̂ says whether they can), so G's place changes the efficiency, not the target.
 """
 
 from __future__ import annotations
