@@ -264,9 +264,9 @@ def test_shards_refuse_an_nlsq_result_of_another_model():
     from dataclasses import replace
 
     from homodyne_steps.errors import DataError
+    from homodyne_steps.inference.shard_inputs import _check_same_fit
     from homodyne_steps.io.record import ABSENT
     from homodyne_steps.physics.model_settings import ModelSettings
-    from homodyne_steps.stages.cmc_shard import _check_same_fit
     from test_cmc_combine import nlsq_record
 
     rec = nlsq_record("static", {"D0": 1e4, "alpha": 0.0, "D_offset": 0.0},
