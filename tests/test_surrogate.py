@@ -121,3 +121,18 @@ def test_the_likelihood_maximum_is_found_beyond_the_bounds():
     assert record["newton_status"] == "converged" and record["log_likelihood_gain"] > 0
     # started on the maximum: no higher point, no new centre
     assert likelihood_maximum(space, loglik_u, u_star)[0] is None
+
+
+def test_the_prior_record_names_the_bounds_the_combined_draws_cross():
+    from homodyne_steps.inference.consensus import apply_prior
+
+    space = make_space(STATIC, LO, HI, MU, SD, t=T)
+    placed, _, _ = place_surrogate(space, np.array([1.2e4, -0.35, 900.0]),
+                                   np.diag([3e3, 0.1, 400.0]) ** 2)  # fmt: skip
+    rng = np.random.default_rng(2)
+    theta = rng.normal([1.2e4, -0.35, 900.0], [3e3, 0.1, 400.0], (2, 200, 3))
+    theta[0, :50, 0] = 50.0  # a quarter of the draws below D0's bound 100
+    u = np.asarray(w_from_theta(theta, space, "rates"))
+    _, record = apply_prior(u, placed, 3, 1.0)
+    assert record["bounds_crossed"] == ["D0 below 100 in 12% of the draws"]
+    assert record["draws_outside_bounds"] == 50

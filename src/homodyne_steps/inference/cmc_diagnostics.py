@@ -413,10 +413,17 @@ def check_prior_weights(quality: dict[str, Any], restoration: Mapping[str, Any] 
     """Unreliable prior weights (Pareto k̂ > PARETO_K_MAX) make the run not_converged."""
     if restoration is None or restoration.get("reliable") is not False:
         return
+    crossed = restoration.get("bounds_crossed") or []
+    cut = (
+        f"; the combined draws cross the bounds ({'; '.join(crossed)}): a posterior cut by a "
+        "bound inside its bulk, which Gaussian shards cannot carry"
+        if crossed
+        else ""
+    )
     quality["warnings"].append(
         f"the prior weights of the combined draws have Pareto k̂ "
         f"{restoration['pareto_k']:.2f} > {PARETO_K_MAX}: the prior and the data disagree "
-        "(or a parameter is not identified), and the posterior cannot be trusted"
+        f"(or a parameter is not identified), and the posterior cannot be trusted{cut}"
     )
     quality["convergence_status"] = "not_converged"
     quality["all_converged"] = False
