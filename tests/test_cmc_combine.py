@@ -787,3 +787,22 @@ def test_the_prior_is_applied_once_and_excluded_shards_take_only_their_data(tmp_
     z = (outcome.summary["mean"][:3] - ref_mean) / ref_sd
     assert np.all(np.abs(z) < 0.1), (z, outcome.summary["mean"][:3], ref_mean, ref_sd)
     np.testing.assert_allclose(outcome.summary["std"][:3], ref_sd, rtol=0.07)
+
+
+def test_shards_whose_surrogates_differ_only_by_round_off_belong_together():
+    # each shard finds G itself (a Newton solve on the data); on other hardware its
+    # centre differs by round-off, which must not split the set
+    from dataclasses import replace
+
+    from homodyne_steps.io.shard_io import _same_surrogate, _without_surrogate
+
+    names = ["D0", "alpha", "D_offset"]
+    base = make_space(names, [1e2, -2.0, -1e5], [1e5, 2.0, 1e5], [1e4, 0, 0],
+                      [1e4, 0.5, 1e3], t=0.1 * np.arange(1, 201))  # fmt: skip
+    mu, sd = np.array([8.1e3, -0.4, 6.2e3]), np.array([900.0, 0.3, 700.0])
+    a = replace(base, surrogate_mu=mu, surrogate_sd=sd)
+    b = replace(a, surrogate_mu=mu * (1 + 1e-13), surrogate_sd=sd * (1 - 1e-13))
+    assert _without_surrogate(a) == _without_surrogate(b) and _same_surrogate(a, b)
+    far = replace(a, surrogate_mu=mu + [0.0, 0.01, 0.0])  # 3 % of alpha's width
+    assert not _same_surrogate(a, far)
+    assert not _same_surrogate(a, base)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -454,12 +454,41 @@ def _check_same(shards: Sequence[Shard]) -> None:
     if len(models) > 1:
         detail = ", ".join(f"{s.json_path.name}: {or_none(s.meta.model)}" for s in shards)
         raise ShardError(f"shards do not belong together: the model differs ({detail})")
-    spaces = {None if sh.space is None else sh.space.to_json() for sh in shards}
+    # G is computed by each shard (a Newton solve on the data): shards on different
+    # hardware agree on it only to round-off, so it is compared with a tolerance
+    spaces = {None if sh.space is None else _without_surrogate(sh.space) for sh in shards}
     if len(spaces) > 1:
         raise ShardError(
             "shards do not belong together: they sampled different spaces (parameters, "
             "bounds, priors or time windows differ)"
         )
+    first = shards[0].space
+    for sh in shards[1:]:
+        if first is not None and not _same_surrogate(first, sh.space):
+            raise ShardError(
+                f"shards do not belong together: {sh.nc_path.name} has another surrogate "
+                f"prior G than {shards[0].nc_path.name} (beyond round-off: rerun the shards "
+                "from the same NLSQ result)"
+            )
+
+
+SURROGATE_RTOL = 1e-6  # shards' surrogate priors equal to within round-off
+
+
+def _without_surrogate(space: SampledSpace) -> str:
+    return replace(space, surrogate_mu=None, surrogate_sd=None).to_json()
+
+
+def _same_surrogate(a: SampledSpace, b: SampledSpace) -> bool:
+    """Whether two shards' G agree: widths to ``SURROGATE_RTOL``, centres to that
+    fraction of the width."""
+    if a.surrogate_mu is None or b.surrogate_mu is None:
+        return a.surrogate_mu is None and b.surrogate_mu is None
+    sd = np.asarray(a.surrogate_sd, dtype=np.float64)
+    return bool(
+        np.allclose(a.surrogate_sd, b.surrogate_sd, rtol=SURROGATE_RTOL, atol=0.0)
+        and np.all(np.abs(np.asarray(a.surrogate_mu) - b.surrogate_mu) <= SURROGATE_RTOL * sd)
+    )
 
 
 def _check_complete(shards: Sequence[Shard]) -> None:
