@@ -131,8 +131,12 @@ def test_the_prior_record_names_the_bounds_the_combined_draws_cross():
                                    np.diag([3e3, 0.1, 400.0]) ** 2)  # fmt: skip
     rng = np.random.default_rng(2)
     theta = rng.normal([1.2e4, -0.35, 900.0], [3e3, 0.1, 400.0], (2, 200, 3))
-    theta[0, :50, 0] = 50.0  # a quarter of the draws below D0's bound 100
+    theta[0, :50, 0] = 50.0  # an eighth of the draws below D0's bound 100
+    theta[1, 0, 2] = -2e5  # and one below D_offset's
     u = np.asarray(w_from_theta(theta, space, "rates"))
     _, record = apply_prior(u, placed, 3, 1.0)
-    assert record["bounds_crossed"] == ["D0 below 100 in 12% of the draws"]
-    assert record["draws_outside_bounds"] == 50
+    assert record["bounds_crossed"] == [
+        "D0 below 100 in 12% of the draws",
+        "D_offset below -100000 in <1% of the draws",
+    ]
+    assert record["draws_outside_bounds"] == 51

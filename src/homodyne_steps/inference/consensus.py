@@ -471,7 +471,8 @@ def bounds_crossed(draws_u: np.ndarray, space: SampledSpace) -> list[str]:
         lo, hi = space.lower[j], space.upper[j]
         for side, out, bound in (("below", theta[:, j] < lo, lo), ("above", theta[:, j] > hi, hi)):
             if out.any():
-                crossed.append(f"{name} {side} {bound:g} in {out.mean():.0%} of the draws")
+                share = f"{out.mean():.0%}" if out.mean() >= 0.005 else "<1%"
+                crossed.append(f"{name} {side} {bound:g} in {share} of the draws")
     return crossed
 
 
