@@ -211,7 +211,6 @@ def prepare_shard(
     # the NLSQ optimum may have a negative mean shear rate; its mirror image has the same c2
     init_theta = with_shear_convention(np.array([*init_physical, *s_start]), space)
     cov_theta = nlsq_likelihood_covariance(nlsq_params, names, space, init_theta, init_physical)
-    space, start_theta, surrogate = place_surrogate(space, init_theta, cov_theta)
     # σ from the speckle model: the likelihood gets their curvature (module docstring)
     u_map, adjusted = adjustment_in(
         or_none(nlsq_params.curvature_adjustment), names, init_theta, init_physical,
@@ -229,15 +228,20 @@ def prepare_shard(
         scaling_matrix=smap.matrix,
         scaling_fixed=smap.fixed,
         space=space,
-        init_theta=start_theta,
+        init_theta=init_theta,
         num_shards=num_shards,
         noise_scale=noise_scale,
         points=tuple(gather_points(fit_data, jnp.asarray(blocks[0]))),
         adjustment=u_map,
         adjusted=adjusted,
-        surrogate=surrogate,
     )
-    return _anchored(inp, plan_indices, fit_data, data.n_t, cov_theta)
+    u_max, anchor = _likelihood_maximum(inp, plan_indices, fit_data, data.n_t)
+    space, start_theta, surrogate = place_surrogate(space, init_theta, cov_theta, u_max=u_max)
+    if anchor is not None:
+        surrogate["likelihood_maximum"] = anchor
+    if u_max is not None:  # the adjustment is centred there (module docstring)
+        u_map = (u_max, u_map[1])
+    return replace(inp, space=space, init_theta=start_theta, adjustment=u_map, surrogate=surrogate)
 
 
 #: points of the plan the likelihood's maximum is found on (a larger plan: its first
@@ -245,13 +249,14 @@ def prepare_shard(
 REFERENCE_POINTS = 200_000
 
 
-def _anchored(inp: ShardInputs, plan_indices, fit_data, n_t: int, cov_theta) -> ShardInputs:
-    """``inp`` with the curvature adjustment centred on the likelihood's maximum in u
-    (:func:`~homodyne_steps.inference.surrogate.likelihood_maximum`) and G placed from
-    there; every shard finds the same maximum on the same points. Unchanged without an
-    adjustment or where NLSQ's optimum already is the maximum."""
+def _likelihood_maximum(inp: ShardInputs, plan_indices, fit_data, n_t: int):
+    """(the likelihood's maximum in u or None, its record or None): the centre of the
+    curvature adjustment and of G
+    (:func:`~homodyne_steps.inference.surrogate.likelihood_maximum`); every shard finds
+    the same maximum on the same points. (None, None) without an adjustment; (None,
+    record) where NLSQ's optimum already is the maximum."""
     if inp.adjustment is None:
-        return inp
+        return None, None
     n_total = inp.n_phi * (n_t * (n_t - 1) // 2)
     rows = np.asarray(plan_indices, dtype=np.int64)
     per_row = (rows < n_total).sum(axis=1)
@@ -265,19 +270,12 @@ def _anchored(inp: ShardInputs, plan_indices, fit_data, n_t: int, cov_theta) -> 
     def loglik_u(u):
         return factor * loglik(theta_from_w(u, space, COMBINATION))[0]
 
-    u0, matrix = inp.adjustment
-    u_max, record = likelihood_maximum(space, loglik_u, u0)
+    u_max, record = likelihood_maximum(space, loglik_u, inp.adjustment[0])
     record["points"] = int(per_row[:n_rows].sum())
-    if u_max is None:
-        return replace(inp, surrogate={**inp.surrogate, "likelihood_maximum": record})
-    nlsq_theta = np.asarray(theta_from_w(jnp.asarray(u0), space, COMBINATION))
-    space, start_theta, surrogate = place_surrogate(space, nlsq_theta, cov_theta, u_max=u_max)
-    theta_max = np.asarray(theta_from_w(jnp.asarray(u_max), space, COMBINATION))
-    record["at"] = dict(zip(space.names, map(float, theta_max), strict=True))
-    return replace(
-        inp, space=space, init_theta=start_theta, adjustment=(u_max, matrix),
-        surrogate={**surrogate, "likelihood_maximum": record},
-    )  # fmt: skip
+    if u_max is not None:
+        theta_max = np.asarray(theta_from_w(jnp.asarray(u_max), space, COMBINATION))
+        record["at"] = dict(zip(space.names, map(float, theta_max), strict=True))
+    return u_max, record
 
 
 def _shard_blocks(plan_indices: np.ndarray, shard: int, n_phi: int, n_t: int):

@@ -126,33 +126,14 @@ def place_surrogate(
     def theta_of(s):
         return theta_from_w(jnp.asarray(u_hat) + s * scale, space, COMBINATION)
 
-    def objective(s):
-        th = theta_of(s)
-        z_prior = jnp.where(np.isfinite(prior_sd), (th - space.prior_mu) / prior_sd, 0.0)
-        below = jnp.where(np.isfinite(space.lower), jnp.maximum(space.lower - th, 0.0), 0.0)
-        above = jnp.where(np.isfinite(space.upper), jnp.maximum(th - space.upper, 0.0), 0.0)
-        outside = (below + above) / jnp.where(np.isfinite(prior_sd), prior_sd, 1.0)
-        return 0.5 * (
-            s @ precision @ s + jnp.sum(z_prior**2) + _BOUND_STIFFNESS * jnp.sum(outside**2)
-        )
-
-    value_and_grad = jax.jit(jax.value_and_grad(objective))
-    res = minimize(
-        lambda s: tuple(np.asarray(v, dtype=np.float64) for v in value_and_grad(jnp.asarray(s))),
-        np.zeros(space.size), jac=True, method="BFGS", options={"maxiter": 500, "gtol": 1e-8},
-    )  # fmt: skip
-    s_c = np.asarray(res.x, dtype=np.float64)
+    s_c = _approximate_mode(space, theta_of, precision, prior_sd)
     u_c = u_hat + s_c * scale
     theta_c = np.asarray(theta_of(jnp.asarray(s_c)))
     inside = np.all((theta_c >= space.lower) & (theta_c <= space.upper))
     if not (np.all(np.isfinite(theta_c)) and inside and bool(shear_sign_ok(u_c, space))):
         s_c = (u_nlsq - u_hat) / scale  # keep the NLSQ optimum
         theta_c = theta_hat
-    # Gauss–Newton curvature at the centre: likelihood + the prior's Gaussian factors
-    a = np.asarray(jax.jacfwd(theta_of)(jnp.asarray(s_c)))
-    w_prior = np.where(np.isfinite(prior_sd), 1.0 / prior_sd**2, 0.0)
-    post_cov = np.linalg.pinv(precision + a.T @ (w_prior[:, None] * a), hermitian=True)
-    sd_u = width * scale * np.sqrt(np.clip(np.diag(post_cov), 0.0, None))
+    sd_u = width * scale * _posterior_sd(theta_of, s_c, precision, prior_sd)
     if not (np.all(np.isfinite(sd_u)) and np.all(sd_u > 0)):
         raise ValueError(f"the shards' surrogate prior has a zero or undefined width: {sd_u}")
     distance = float(np.sqrt(s_c @ precision @ s_c))
@@ -171,6 +152,37 @@ def place_surrogate(
         "offset_sd": shift,
     }
     return replace(space, surrogate_mu=u_hat + s_g * scale, surrogate_sd=sd_u), theta_c, record
+
+
+def _posterior_sd(theta_of, s_c, precision, prior_sd) -> np.ndarray:
+    """Marginal sd in s of the approximate posterior at s_c: the Gauss–Newton curvature
+    of the likelihood plus the prior's Gaussian factors."""
+    a = np.asarray(jax.jacfwd(theta_of)(jnp.asarray(s_c)))
+    w_prior = np.where(np.isfinite(prior_sd), 1.0 / prior_sd**2, 0.0)
+    post_cov = np.linalg.pinv(precision + a.T @ (w_prior[:, None] * a), hermitian=True)
+    return np.sqrt(np.clip(np.diag(post_cov), 0.0, None))
+
+
+def _approximate_mode(space: SampledSpace, theta_of, precision, prior_sd) -> np.ndarray:
+    """The mode, in s (θ = ``theta_of``(s)), of the Gaussian likelihood exp(−½ sᵀ
+    ``precision`` s) times the prior's Gaussian factors, the bounds as a stiff penalty."""
+
+    def objective(s):
+        th = theta_of(s)
+        z_prior = jnp.where(np.isfinite(prior_sd), (th - space.prior_mu) / prior_sd, 0.0)
+        below = jnp.where(np.isfinite(space.lower), jnp.maximum(space.lower - th, 0.0), 0.0)
+        above = jnp.where(np.isfinite(space.upper), jnp.maximum(th - space.upper, 0.0), 0.0)
+        outside = (below + above) / jnp.where(np.isfinite(prior_sd), prior_sd, 1.0)
+        return 0.5 * (
+            s @ precision @ s + jnp.sum(z_prior**2) + _BOUND_STIFFNESS * jnp.sum(outside**2)
+        )
+
+    value_and_grad = jax.jit(jax.value_and_grad(objective))
+    res = minimize(
+        lambda s: tuple(np.asarray(v, dtype=np.float64) for v in value_and_grad(jnp.asarray(s))),
+        np.zeros(space.size), jac=True, method="BFGS", options={"maxiter": 500, "gtol": 1e-8},
+    )  # fmt: skip
+    return np.asarray(res.x, dtype=np.float64)
 
 
 def likelihood_maximum(
