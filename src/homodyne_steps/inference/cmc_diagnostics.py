@@ -420,10 +420,17 @@ def check_prior_weights(quality: dict[str, Any], restoration: Mapping[str, Any] 
         if crossed
         else ""
     )
+    resampled = (
+        f"; sampling the Gaussian likelihood of the combined draws times the prior instead "
+        f"diverged in {restoration['divergence_rate']:.0%} of its draws"
+        if "divergence_rate" in restoration
+        else ""
+    )
     quality["warnings"].append(
         f"the prior weights of the combined draws have Pareto k̂ "
         f"{restoration['pareto_k']:.2f} > {PARETO_K_MAX}: the prior and the data disagree "
         f"(or a parameter is not identified), and the posterior cannot be trusted{cut}"
+        f"{resampled}"
     )
     quality["convergence_status"] = "not_converged"
     quality["all_converged"] = False

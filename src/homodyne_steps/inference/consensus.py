@@ -442,7 +442,7 @@ def apply_prior(
     ess = float(weights.sum() ** 2 / np.sum(weights**2))
     out = resample_within_chains(draws_u, weights, np.random.default_rng(seed))
     k_hat = float(k_hat)
-    record = {
+    record: dict[str, Any] = {
         "method": "pareto_smoothed_importance_resampling",
         "weights": (
             f"π(θ(u))·|∂θ/∂u| / G(u)^{surrogate_fraction:.4g} in the combination coordinates"
@@ -459,7 +459,27 @@ def apply_prior(
             f"{k_hat:.2f}, weight ESS {ess:.0f} of {C * D}"
         ),
     }
-    return out, record
+    if record["reliable"]:
+        return out, record
+    return _sample_afresh(draws_u, space, n_joint, surrogate_fraction, seed, record)
+
+
+def _sample_afresh(draws_u, space, n_joint, surrogate_fraction, seed, weighting):
+    """Where the weights cannot carry the prior: draws of the Gaussian likelihood of the
+    combined draws times the exact prior (:mod:`prior_sampling`); the weights' record is
+    kept under ``importance_weights``, their k̂ stays ``pareto_k``."""
+    from homodyne_steps.inference.prior_sampling import sample_gaussian_likelihood_posterior
+
+    fresh, record = sample_gaussian_likelihood_posterior(
+        draws_u, space, n_joint, surrogate_fraction, seed
+    )
+    about_draws = ("pareto_k", "draws_outside_bounds", "bounds_crossed")
+    record = {
+        **record,
+        **{k: weighting[k] for k in about_draws},
+        "importance_weights": {k: v for k, v in weighting.items() if k not in about_draws[1:]},
+    }
+    return (draws_u if fresh is None else fresh), record
 
 
 def bounds_crossed(draws_u: np.ndarray, space: SampledSpace) -> list[str]:
