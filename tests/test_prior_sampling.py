@@ -130,3 +130,22 @@ def test_the_combination_samples_afresh_where_the_prior_weights_fail():
     ref_mean, ref_sd, _ = _reference()
     assert np.all(np.abs(theta.mean(axis=0) - ref_mean) < 0.2 * ref_sd)
     np.testing.assert_allclose(theta.std(axis=0), ref_sd, rtol=0.2)
+
+
+def test_a_prior_that_could_not_be_applied_makes_the_run_not_converged():
+    from homodyne_steps.inference.cmc_diagnostics import check_prior_weights
+
+    weights = {"pareto_k": 1.72, "ess": 6.0}
+    failed = {"method": "gaussian_likelihood_times_prior", "reliable": False,
+              "divergence_rate": 0.12, "importance_weights": weights,
+              "bounds_crossed": ["D0 below 100 in 43% of the draws"]}  # fmt: skip
+    quality: dict = {"warnings": [], "convergence_status": "converged"}
+    check_prior_weights(quality, failed)
+    assert quality["convergence_status"] == "not_converged"
+    (warning,) = quality["warnings"]
+    assert "k̂ 1.72" in warning and "6 effective draws" in warning
+    assert "D0 below 100 in 43%" in warning and "diverged in 12% of its draws" in warning
+    # drawn afresh without trouble: nothing to say
+    quality = {"warnings": [], "convergence_status": "converged"}
+    check_prior_weights(quality, {**failed, "reliable": True})
+    assert quality == {"warnings": [], "convergence_status": "converged"}

@@ -22,7 +22,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from homodyne_steps.inference.consensus import PARETO_K_MAX, Combination, Selection, heterogeneity
+from homodyne_steps.inference.consensus import (
+    MIN_WEIGHT_ESS,
+    PARETO_K_MAX,
+    Combination,
+    Selection,
+    heterogeneity,
+)
 from homodyne_steps.io.nlsq_files import NlsqParameters
 from homodyne_steps.io.serialise import finite_or_none
 from homodyne_steps.io.shard_io import Shard
@@ -410,9 +416,12 @@ def low_bfmi(bfmi: Mapping[int, np.ndarray | None], kept: Sequence[Shard]) -> di
 
 
 def check_prior_weights(quality: dict[str, Any], restoration: Mapping[str, Any] | None) -> None:
-    """Unreliable prior weights (Pareto k̂ > PARETO_K_MAX) make the run not_converged."""
+    """A prior that could not be applied (importance weights unusable, and the fresh
+    draws of :mod:`prior_sampling` divergent or without a start) makes the run
+    not_converged."""
     if restoration is None or restoration.get("reliable") is not False:
         return
+    weights = restoration.get("importance_weights", restoration)
     crossed = restoration.get("bounds_crossed") or []
     cut = (
         f"; the combined draws cross the bounds ({'; '.join(crossed)}): a posterior cut by a "
@@ -420,24 +429,27 @@ def check_prior_weights(quality: dict[str, Any], restoration: Mapping[str, Any] 
         if crossed
         else ""
     )
-    resampled = (
-        f"; sampling the Gaussian likelihood of the combined draws times the prior instead "
-        f"diverged in {restoration['divergence_rate']:.0%} of its draws"
-        if "divergence_rate" in restoration
-        else ""
-    )
+    if "divergence_rate" in restoration:
+        afresh = (
+            "; drawing the Gaussian likelihood of the combined draws times the prior afresh "
+            f"diverged in {restoration['divergence_rate']:.0%} of its draws"
+        )
+    elif restoration.get("method") == "gaussian_likelihood_times_prior":
+        afresh = "; no combined draw lies inside the bounds to draw afresh from"
+    else:
+        afresh = ""
     quality["warnings"].append(
-        f"the prior weights of the combined draws have Pareto k̂ "
-        f"{restoration['pareto_k']:.2f} > {PARETO_K_MAX}: the prior and the data disagree "
-        f"(or a parameter is not identified), and the posterior cannot be trusted{cut}"
-        f"{resampled}"
+        f"the prior weights of the combined draws are unusable (Pareto k̂ "
+        f"{weights['pareto_k']:.2f}, limit {PARETO_K_MAX}; {weights['ess']:.0f} effective "
+        f"draws, at least {MIN_WEIGHT_ESS:.0f} needed): the prior and the data disagree (or "
+        f"a parameter is not identified), and the posterior cannot be trusted{cut}{afresh}"
     )
     quality["convergence_status"] = "not_converged"
     quality["all_converged"] = False
     quality["quality_flag"] = "poor"
     quality["summary"] = (
         "NOT CONVERGED: the prior could not be applied to the combined draws (Pareto "
-        f"k̂ {restoration['pareto_k']:.2f}). Do not use these estimates."
+        f"k̂ {weights['pareto_k']:.2f}). Do not use these estimates."
     )
 
 

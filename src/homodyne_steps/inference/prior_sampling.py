@@ -47,9 +47,9 @@ PRECISION_FLOOR = 1e-3
 SAMPLING = "none"  # every parameter through its own bounded transform
 MAX_DIVERGENCE_RATE = 0.05  # above it the fresh draws are not trusted
 # The target needs no data, so draws are cheap, and the valley along the exponents makes
-# them correlated: every second one is kept (a laminar file: ~600 leapfrog steps per draw,
-# 2 % divergent, bulk ESS of beta 480 of 2000 draws without thinning, 730 of 2000 kept
-# from 6000; at target 0.95 the trees reach the depth limit and the ESS falls to 80)
+# them correlated: every second one is kept (a laminar file: ~580 leapfrog steps per draw,
+# 2–3 % divergent, bulk ESS of beta 480 of 2000 draws without thinning, 660 of 2000 kept
+# from 4000, 35 s; at target 0.95 the trees reach the depth limit and the ESS falls to 80)
 TARGET_ACCEPT = 0.9
 THINNING = 2
 #: standard deviations of L̃ by which f_early − f_late must differ from 0 for its sign

@@ -22,6 +22,8 @@ So the prior is applied once, after the combination, and exactly:
 2. The Gaussian consensus of the shards is then a draw of L·G^(K_used/K).
 3. Importance weights π(θ(u))·|∂θ/∂u| / G(u)^(K_used/K) (Pareto-smoothed) turn those
    draws into draws of the full posterior L·π; the Pareto k̂ says whether they can.
+   Where they cannot, the Gaussian likelihood the draws imply times π is sampled
+   afresh (:mod:`homodyne_steps.inference.prior_sampling`).
 
 Whatever the sampling coordinates w (``cmc.sampler.reparameterize``), the shard target
 is the same measure: in w it carries log|∂θ/∂w| − log|∂θ/∂u| (:func:`shard_log_density`).
