@@ -17,11 +17,13 @@ from homodyne_steps.inference.prior_sampling import (
     sample_gaussian_likelihood_posterior,
 )
 from homodyne_steps.physics.cmc_space import make_space, theta_from_w, w_from_theta
+from homodyne_steps.physics.registry import REGISTRY
 
 T = 0.1 * np.arange(1, 201)  # s: the static reference case's 200 frames
-NAMES = ["D0", "alpha", "D_offset"]
-LO, HI = np.array([1e2, -2.0, -1e5]), np.array([1e5, 2.0, 1e5])
-MU, SD = np.array([1e4, 0.0, 0.0]), np.array([1e4, 0.5, 1e3])  # the registry's priors
+NAMES = REGISTRY.physical_names("static")  # D0, alpha, D_offset with the registry's priors
+LO, HI = (np.asarray(b, dtype=float) for b in REGISTRY.bounds(NAMES))
+MU = np.array([REGISTRY[n].prior_mu for n in NAMES])
+SD = np.array([REGISTRY[n].prior_sigma for n in NAMES])
 
 
 def _space():
