@@ -135,6 +135,28 @@ def weakly_identified(
         return np.isfinite(sd_u) & (sd_u > WEAK_FRACTION * width)
 
 
+PRIOR_SHRINK = 0.5  # posterior sd above this fraction of the prior's: weakly identified
+
+
+def prior_sd_ratio(
+    posterior_sd: np.ndarray, mu: np.ndarray, sigma: np.ndarray, lower: np.ndarray,
+    upper: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """Posterior sd over the prior's, the prior N(μ, σ) restricted to [lower, upper] (a
+    truncated normal's sd). Near 1 the posterior is its prior: the data left the
+    parameter where the prior put it (D_offset on the static speckle files, whose
+    posterior is N(0, 1000) around a truth of 1000), and a credible interval then says
+    what the prior says. Above :data:`PRIOR_SHRINK` CMC calls it weakly identified."""
+    from scipy.stats import truncnorm
+
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    a = (np.asarray(lower, np.float64) - mu) / sigma
+    b = (np.asarray(upper, np.float64) - mu) / sigma
+    prior = truncnorm.std(a, b, loc=mu, scale=sigma)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(posterior_sd, np.float64) / prior
+
+
 def combine_information(
     values: np.ndarray, infos: np.ndarray, log_scale: np.ndarray
 ) -> tuple[np.ndarray, Identification]:

@@ -83,6 +83,11 @@ class PosteriorStats(Record):
     #: quantiles): under a bound-cut posterior mean ± sd is not the interval
     interval_68: list[float] | None = ABSENT
     interval_95: list[float] | None = ABSENT
+    #: posterior sd over the prior's within the bounds
+    #: (:func:`homodyne_steps.inference.identification.prior_sd_ratio`) and whether it
+    #: exceeds 0.5 (the data did not halve the prior's width); physical parameters only
+    prior_sd_ratio: float | None = ABSENT
+    weakly_identified: bool = ABSENT
     unit: str
 
 
@@ -110,6 +115,8 @@ class CmcConvergence(Record):
     min_ess_tail: float | None
     acceptance_rate: float | None
     divergences: int
+    #: the physical parameters whose posterior is mostly their prior (PosteriorStats)
+    weakly_identified: list[str] = ABSENT
     summary: str
 
 

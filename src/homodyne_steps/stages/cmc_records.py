@@ -25,6 +25,7 @@ from homodyne_steps.inference.cmc_diagnostics import (
     Thresholds,
 )
 from homodyne_steps.inference.consensus import Combination, SelectionRules, heterogeneity
+from homodyne_steps.inference.identification import PRIOR_SHRINK, prior_sd_ratio
 from homodyne_steps.io.cmc_files import (
     CmcAnalysis,
     CmcDiagnostics,
@@ -149,7 +150,7 @@ def sampling_summary(run: CombinedRun) -> dict[str, Any]:
     }
 
 
-def _convergence(run: CombinedRun) -> dict[str, Any]:
+def _convergence(run: CombinedRun, weakly_identified: list[str]) -> dict[str, Any]:
     quality, summary = run.diagnosis.quality, run.diagnosis.summary
     r_hats = [x for x in (finite_or_none(v) for v in summary["r_hat"]) if x is not None]
     ess_all = [x for x in (finite_or_none(v) for v in summary["ess_bulk"]) if x is not None]
@@ -166,13 +167,28 @@ def _convergence(run: CombinedRun) -> dict[str, Any]:
         ),
         "acceptance_rate": _stat_mean(run.kept, "acceptance_rate"),
         "divergences": run.diagnosis.divergences,
+        "weakly_identified": weakly_identified,
         "summary": quality["summary"],
     }
+
+
+def _prior_sd_ratios(run: CombinedRun) -> dict[str, float | None]:
+    """Posterior sd over the prior's (bounds included) of each physical parameter."""
+    space = _parameter_space(run)
+    names = list(run.first.physical)
+    sd = run.diagnosis.summary["std"][: len(names)]
+    ratio = prior_sd_ratio(
+        sd, *(np.array([space[n]["prior"][k] for n in names]) for k in ("mu", "sigma")),
+        *(np.array([space[n]["bounds"][i] for n in names]) for i in (0, 1)),
+    )  # fmt: skip
+    return {n: finite_or_none(r) for n, r in zip(names, ratio, strict=True)}
 
 
 def parameters_record(run: CombinedRun) -> CmcParameters:
     """``parameters.json``: posterior statistics per parameter and per angle, convergence."""
     first, summary = run.first, run.diagnosis.summary
+    ratios = _prior_sd_ratios(run)
+    weak = [n for n, r in ratios.items() if r is not None and r > PRIOR_SHRINK]
     mapping = {
         "schema_version": SCHEMA_VERSION,
         "method": "cmc",
@@ -180,12 +196,17 @@ def parameters_record(run: CombinedRun) -> CmcParameters:
         "model": or_none(first.meta.model),
         "combination_method": run.settings.method,
         "parameters": {
-            n: {**_stat_entry(summary, j), "unit": REGISTRY[n].unit}
+            n: {
+                **_stat_entry(summary, j),
+                "prior_sd_ratio": ratios[n],
+                "weakly_identified": n in weak,
+                "unit": REGISTRY[n].unit,
+            }
             for j, n in enumerate(first.physical)
-        },
+        },  # fmt: skip
         "per_angle": _per_angle(run),
         "per_angle_scaling": first.per_angle_scaling,
-        "convergence": _convergence(run),
+        "convergence": _convergence(run, weak),
         "sampling_summary": sampling_summary(run),
         "noise_scale": or_none(first.meta.noise_scale),
         "curvature_adjustment": or_none(first.meta.curvature_adjustment),
