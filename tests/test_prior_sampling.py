@@ -91,6 +91,7 @@ def test_a_posterior_cut_by_a_bound_matches_importance_sampling_from_the_prior()
     assert ess > 2000  # the reference itself is precise
     out, record = sample_gaussian_likelihood_posterior(draws, space, 3, 1.0, seed=1)
     assert record["reliable"] and record["divergence_rate"] < 0.02
+    assert record["thinning"] == 2  # the chains agreed at once
     theta = np.asarray(theta_from_w(out, space, "rates")).reshape(-1, 3)
     assert np.all(theta[:, 0] >= 100.0)  # the bound holds
     assert np.mean(theta[:, 0] < 600.0) > 0.05  # and the posterior reaches it
@@ -151,3 +152,16 @@ def test_a_prior_that_could_not_be_applied_makes_the_run_not_converged():
     quality = {"warnings": [], "convergence_status": "converged"}
     check_prior_weights(quality, {**failed, "reliable": True})
     assert quality == {"warnings": [], "convergence_status": "converged"}
+
+
+@pytest.mark.slow
+def test_chains_that_disagree_are_run_again_four_times_as_long(monkeypatch):
+    from homodyne_steps.inference import prior_sampling
+
+    space, _, _, draws = _case()
+    monkeypatch.setattr(prior_sampling, "RHAT_RETRY", 0.0)  # every R-hat is too large
+    out, record = sample_gaussian_likelihood_posterior(draws, space, 3, 1.0, seed=1)
+    assert record["thinning"] == 8 and out.shape == draws.shape
+    ref_mean, ref_sd, _ = _reference()
+    theta = np.asarray(theta_from_w(out, space, "rates")).reshape(-1, 3)
+    assert np.all(np.abs(theta.mean(axis=0) - ref_mean) < 0.15 * ref_sd)
