@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from homodyne_steps.inference.combine_settings import METHODS
+from homodyne_steps.inference.prior_sampling import redraw
 from homodyne_steps.io.shard_io import Shard, ShardError
 from homodyne_steps.physics.cmc_space import (
     COMBINATION,
@@ -425,7 +426,7 @@ def apply_prior(
     R-hat keep their meaning). The record gives the Pareto k̂ (> 0.7: the prior and the
     data disagree so much that the weights cannot be trusted) and the weights' ESS.
     Weights with k̂ > 0.7 or fewer than :data:`MIN_WEIGHT_ESS` effective draws are
-    replaced by fresh draws (:func:`_sample_afresh`); where those fail too the record says
+    replaced by fresh draws (:func:`prior_sampling.redraw`); where those fail too the record says
     ``reliable: false`` (and where none could start, the resampled draws are returned).
     """
     if space is None or space.surrogate_mu is None:
@@ -470,27 +471,8 @@ def apply_prior(
     }
     if record["reliable"]:
         return out, record
-    fresh, record = _sample_afresh(draws_u, space, n_joint, surrogate_fraction, seed, record)
+    fresh, record = redraw(draws_u, space, n_joint, surrogate_fraction, seed, record)
     return (out if fresh is None else fresh), record
-
-
-def _sample_afresh(draws_u, space, n_joint, surrogate_fraction, seed, weighting):
-    """Where the weights cannot carry the prior: (draws of the Gaussian likelihood of
-    the combined draws times the exact prior, or None; record) (:mod:`prior_sampling`).
-    The weights' record is kept under ``importance_weights``, their k̂ stays
-    ``pareto_k``."""
-    from homodyne_steps.inference.prior_sampling import sample_gaussian_likelihood_posterior
-
-    fresh, record = sample_gaussian_likelihood_posterior(
-        draws_u, space, n_joint, surrogate_fraction, seed
-    )
-    about_draws = ("pareto_k", "draws_outside_bounds", "bounds_crossed")
-    record = {
-        **record,
-        **{k: weighting[k] for k in about_draws},
-        "importance_weights": {k: v for k, v in weighting.items() if k not in about_draws[1:]},
-    }
-    return fresh, record
 
 
 def bounds_crossed(draws_u: np.ndarray, space: SampledSpace) -> list[str]:

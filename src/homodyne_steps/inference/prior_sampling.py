@@ -200,6 +200,23 @@ def sample_gaussian_likelihood_posterior(
     return out, record
 
 
+def redraw(draws_u, space, n_joint, surrogate_fraction, seed, weighting):
+    """Where importance weights cannot carry the prior: (fresh draws of the Gaussian
+    likelihood of the combined draws times the exact prior, or None; record). The
+    weights' record ``weighting`` is kept under ``importance_weights``; what it says of
+    the combined draws (k̂, draws outside and bounds crossed) stays at the top."""
+    fresh, record = sample_gaussian_likelihood_posterior(
+        draws_u, space, n_joint, surrogate_fraction, seed
+    )
+    about_draws = ("pareto_k", "draws_outside_bounds", "bounds_crossed")
+    record = {
+        **record,
+        **{k: weighting[k] for k in about_draws},
+        "importance_weights": {k: v for k, v in weighting.items() if k not in about_draws[1:]},
+    }
+    return fresh, record
+
+
 def _run_nuts(log_density, w0, chains: int, draws: int, thinning: int, seed: int):
     """(draws (chains, draws, p) in v, extra fields) of NUTS on the cheap target, every
     ``thinning``-th kept."""
@@ -227,4 +244,9 @@ def _max_split_rhat(w: np.ndarray) -> float:
     return float(np.nanmax(split_gelman_rubin(w)))
 
 
-__all__ = ["PRECISION_FLOOR", "gaussian_likelihood", "sample_gaussian_likelihood_posterior"]
+__all__ = [
+    "PRECISION_FLOOR",
+    "gaussian_likelihood",
+    "redraw",
+    "sample_gaussian_likelihood_posterior",
+]
