@@ -165,3 +165,16 @@ def check_figure_dir(out_dir: Path) -> dict:
         check_png(Path(out_dir) / f["file"], tuple(f["size_px"]))
     assert not list(Path(out_dir).glob("**/.*.tmp*")), "temporary files left behind"
     return index
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. One pytest process compiles
+    thousands of them, each holding memory maps; past the kernel's map limit
+    (vm.max_map_count, 65530 here) XLA segfaulted in the full suite while compiling or
+    loading a program, never in a module run alone."""
+    yield
+    import sys
+
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
