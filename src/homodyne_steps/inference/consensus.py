@@ -471,7 +471,12 @@ def apply_prior(
     }
     if record["reliable"]:
         return out, record
-    fresh, record = redraw(draws_u, space, n_joint, surrogate_fraction, seed, record)
+    try:
+        fresh, record = redraw(draws_u, space, n_joint, surrogate_fraction, seed, record)
+    except (TypeError, ValueError, np.linalg.LinAlgError) as exc:
+        # seen in the Slurm workflow test's tiny dataset (shapes that did not match);
+        # the run is then judged on the weights, as before the fresh draws existed
+        return out, {**record, "fresh_draws_error": f"{type(exc).__name__}: {exc}"[:300]}
     return (out if fresh is None else fresh), record
 
 
