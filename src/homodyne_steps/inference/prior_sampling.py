@@ -229,7 +229,8 @@ def _run_nuts(log_density, w0, chains: int, draws: int, thinning: int, seed: int
                 progress_bar=False)  # fmt: skip
     mcmc.run(
         jax.random.PRNGKey(seed),
-        init_params=jnp.tile(jnp.asarray(w0), (chains, 1)),
+        # NumPyro takes one chain's start without the chain axis
+        init_params=jnp.tile(jnp.asarray(w0), (chains, 1)) if chains > 1 else jnp.asarray(w0),
         extra_fields=("diverging", "num_steps"),
     )
     return np.asarray(mcmc.get_samples(group_by_chain=True)), mcmc.get_extra_fields(
