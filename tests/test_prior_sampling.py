@@ -165,3 +165,13 @@ def test_chains_that_disagree_are_run_again_four_times_as_long(monkeypatch):
     ref_mean, ref_sd, _ = _reference()
     theta = np.asarray(theta_from_w(out, space, "rates")).reshape(-1, 3)
     assert np.all(np.abs(theta.mean(axis=0) - ref_mean) < 0.15 * ref_sd)
+
+
+@pytest.mark.slow
+def test_one_chain_is_redrawn_as_one_chain():
+    space, _, _, draws = _case()
+    out, record = sample_gaussian_likelihood_posterior(draws[:1], space, 3, 1.0, seed=2)
+    assert out.shape == (1, 1000, 3) and record["reliable"]
+    ref_mean, ref_sd, _ = _reference()
+    theta = np.asarray(theta_from_w(out, space, "rates")).reshape(-1, 3)
+    assert np.all(np.abs(theta.mean(axis=0) - ref_mean) < 0.25 * ref_sd)
