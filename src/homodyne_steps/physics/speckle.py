@@ -92,10 +92,17 @@ diffusive decay and the first shear zeros fall inside the window.
 the ratio bias near 1 % while a frame costs little. ``photons_per_pixel = 10``: the
 diagonal shot-noise excess (1/10) stays visible without drowning the off-diagonal signal.
 ``n_modes = 4``: contrast ≈ 0.25, close to the reference contrast 0.3 and typical of
-partially coherent beams. ``n_particles = 2048``: 512 per mode, enough for Gaussian
-speckle (the finite-N correction to β is 0.2 %) and for a seed-to-seed fluctuation of the
-realised shear/diffusion ``g1`` (which all pixels of a cell share) well below the pixel
-noise; the cost is linear in it (a demo file takes 2–3 s on one core).
+partially coherent beams. ``n_particles = 16384``: 4096 per mode. Every pixel of a cell
+sees the same particles move, so the realised single-particle average ĝ1 = mean exp(i
+q·Δr), which no pixel average removes, fluctuates by ~√(2/N) per frame step, and the
+realised heights freeze one shear profile per file: a sample noise shared by the whole
+matrix, which a real scattering volume (~10⁹ particles) does not have. With 2048 particles
+it was not small: NLSQ on 20 static files with D_offset held at the truth gave alpha z =
+(fit − truth)/σ of mean −0.63 (the 20 files' mean c2 fitted alpha −0.37 for −0.30) and
+laminar phi0 −0.66° off; with 16384 and 65536 particles the means are +0.24 and −0.11
+(``bench/bench_coverage.py`` sets; docs/model.md). A file costs ~6 s on one core (2048:
+0.8 s; 65536: 35 s), linear in ``n_particles``; tests that only need speckle-like files
+set fewer.
 ``ring_width = 0.01`` and ``sector_width_deg = 1``: cells close to one ``(q, φ)``.
 """
 
@@ -154,7 +161,7 @@ class SpeckleSettings:
     L: float = REFERENCE_GEOMETRY["L"]
     dt: float = REFERENCE_GEOMETRY["dt"]
     n_frames: int = 120
-    n_particles: int = 2048
+    n_particles: int = 16384
     pixels_per_cell: int = 180
     photons_per_pixel: float = 10.0
     n_modes: int = 4
