@@ -7,6 +7,12 @@ slow decays of g1 at small q² D t).
 The persistent compilation cache is on by default, so repeat runs and parallel shard
 jobs skip compiling the same kernels: ``HOMODYNE_STEPS_JAX_CACHE`` names the directory
 (default ``~/.cache/homodyne-steps/jax``); set it to ``off`` to disable.
+
+The cache has a size limit (least recently used entries go first), which is also what
+makes JAX lock it: without a limit JAX writes an entry in place and unlocked, and a job
+that reads an entry another job is still writing can crash inside XLA (seen once with
+concurrent test runs). The lock is ``filelock``'s; without that package the cache stays
+off rather than unlocked.
 """
 
 import os
@@ -14,7 +20,14 @@ from pathlib import Path
 
 import jax
 
+try:
+    import filelock  # noqa: F401  (JAX's lock for a size-limited cache)
+except ImportError:  # pragma: no cover - a declared dependency
+    filelock = None
+
 jax.config.update("jax_enable_x64", True)
+
+CACHE_MAX_BYTES = 1 << 30  # a full test run writes ~50 MB
 
 
 def cache_dir() -> Path | None:
@@ -27,7 +40,7 @@ def cache_dir() -> Path | None:
     return Path(base) / "homodyne-steps" / "jax"
 
 
-_cache = cache_dir()
+_cache = cache_dir() if filelock is not None else None
 if _cache is not None:
     try:
         _cache.mkdir(parents=True, exist_ok=True)
@@ -38,7 +51,8 @@ if _cache is not None:
     jax.config.update("jax_compilation_cache_dir", str(_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 import jax.numpy as jnp  # noqa: E402
 
-__all__ = ["jax", "jnp", "cache_dir"]
+__all__ = ["jax", "jnp", "cache_dir", "CACHE_MAX_BYTES"]
