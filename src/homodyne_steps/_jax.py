@@ -40,6 +40,23 @@ def cache_dir() -> Path | None:
     return Path(base) / "homodyne-steps" / "jax"
 
 
+def index_unlimited_entries(path: Path) -> int:
+    """Give every entry written without a size limit (no ``-atime`` file: an older
+    version of this package, or another tool sharing the directory) the access time JAX's
+    eviction reads, its modification time; without it every later write fails. Returns
+    how many were indexed."""
+    count = 0
+    for entry in path.glob("*-cache"):
+        atime = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+        if not atime.exists():
+            try:
+                atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+                count += 1
+            except OSError:  # evicted meanwhile, or read-only: JAX then skips writing
+                pass
+    return count
+
+
 _cache = cache_dir() if filelock is not None else None
 if _cache is not None:
     try:
@@ -47,6 +64,7 @@ if _cache is not None:
     except OSError:  # read-only home on some clusters: compile every time instead
         _cache = None
 if _cache is not None:
+    index_unlimited_entries(_cache)
     # min sizes 0: small CPU programs are worth caching too (1.7 s -> 0.6 s measured)
     jax.config.update("jax_compilation_cache_dir", str(_cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -55,4 +73,4 @@ if _cache is not None:
 
 import jax.numpy as jnp  # noqa: E402
 
-__all__ = ["jax", "jnp", "cache_dir", "CACHE_MAX_BYTES"]
+__all__ = ["jax", "jnp", "cache_dir", "index_unlimited_entries", "CACHE_MAX_BYTES"]
