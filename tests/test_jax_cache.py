@@ -25,7 +25,9 @@ print(json.dumps({"dir": jax.config.jax_compilation_cache_dir,
 
 def _run(cache: str) -> dict:
     env = {**os.environ, "HOMODYNE_STEPS_JAX_CACHE": cache}
-    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", PROGRAM], env=env,
+    # a failed cache write is only a warning: made an error here
+    strict = "error:Error writing persistent compilation cache:UserWarning"
+    out = subprocess.run([sys.executable, "-W", strict, "-c", PROGRAM], env=env,
                          capture_output=True, text=True, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
