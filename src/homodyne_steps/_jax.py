@@ -12,7 +12,7 @@ Jobs share it without a lock: JAX writes an entry in place, but compresses it wi
 checksum, so a job that reads an entry another is still writing fails to decompress it,
 warns and compiles afresh (``tests/test_jax_cache.py``). A size limit would make JAX lock
 the cache, at the price of a scan of every entry on each write (measured: 60 ms per new
-program with the 2900 entries of one test run, 3 times the cost of compiling it).
+program with the 2900 entries of one test run, twice the cost of compiling it).
 """
 
 import os
