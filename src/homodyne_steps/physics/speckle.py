@@ -97,12 +97,9 @@ sees the same particles move, so the realised single-particle average ĝ1 = mean
 q·Δr), which no pixel average removes, fluctuates by ~√(2/N) per frame step, and the
 realised heights freeze one shear profile per file: a sample noise shared by the whole
 matrix, which a real scattering volume (~10⁹ particles) does not have. With 2048 particles
-it was not small: NLSQ on 20 static files with D_offset held at the truth gave alpha z =
-(fit − truth)/σ of mean −0.63 (the 20 files' mean c2 fitted alpha −0.37 for −0.30) and
-laminar phi0 −0.66° off; with 16384 and 65536 particles the means are +0.24 and −0.11
-(``bench/bench_coverage.py`` sets; docs/model.md). A file costs ~6 s on one core (2048:
-0.8 s; 65536: 35 s), linear in ``n_particles``; tests that only need speckle-like files
-set fewer.
+it biased alpha and phi0; with 16384 it does not (measurements: docs/model.md, "The
+simulator's particles"). A file costs ~6 s on one core, linear in ``n_particles``; tests
+that only need speckle-like files set fewer.
 ``ring_width = 0.01`` and ``sector_width_deg = 1``: cells close to one ``(q, φ)``.
 """
 
